@@ -1,0 +1,406 @@
+"""PyNET (Ignatov, Van Gool, Timofte, CVPRW 2020) as a Keras 3 model.
+
+The graph is built level by level as in the paper's figure: a shared encoder
+(conv_lX_d1 + max-pools), then levels 5 (1/16 of the packed input) up to 1 (packed
+resolution) and level 0 (the full mosaic resolution). Names, order of creation and
+every variable follow the reference TF1 code, so its checkpoints load by position.
+
+    model = PyNET()                  # all levels; outputs [l0, l1, l2, l3, l4, l5]
+    model = PyNET(level=3)           # only what level 3 needs; outputs [l3, l4, l5]
+    view = level_model(model, 2)     # one output, sharing model's variables
+
+Input: packed Bayer [B, Gb, R, Gr] (load_dataset.extract_bayer_channels), shape
+(batch, H, W, 4) with H and W multiples of 16. Output of level L: (H, W) * 2 / 2**L.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from utils import UserError
+
+PARAMETER_COUNT = 47_548_170
+TF1_VARIABLE_COUNT = 437
+TF1_SCOPE = "generator"
+LEAKY_SLOPE = 0.2
+IN_EPSILON = 1e-3
+
+# The reference seeds every op with 1 and sets no graph seed, so all weights of one shape
+# start identical (e.g. conv_t4a == conv_t4b). A fixed-seed Keras initializer behaves the same.
+_KERNEL_INIT = keras.initializers.TruncatedNormal(stddev=0.01, seed=1)
+_BIAS_INIT = keras.initializers.Constant(0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# primitives
+
+class ConvLayer(keras.layers.Layer):
+    """Convolution (zero 'same' padding, stride 1) + bias, then optional instance norm, then
+    optional leaky ReLU 0.2. The bias is kept before instance norm, where it has no effect,
+    because the reference checkpoint stores it."""
+
+    def __init__(self, filters, kernel_size, instance_norm=False, relu=True, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+        self.kernel_size = kernel_size
+        self.instance_norm = instance_norm
+        self.relu = relu
+
+    def build(self, input_shape):
+        k, cin = self.kernel_size, input_shape[-1]
+        self.kernel = self.add_weight(name="kernel", shape=(k, k, cin, self.filters), initializer=_KERNEL_INIT)
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=_BIAS_INIT)
+        if self.instance_norm:
+            self.shift = self.add_weight(name="shift", shape=(self.filters,), initializer="zeros")
+            self.scale = self.add_weight(name="scale", shape=(self.filters,), initializer="ones")
+
+    def call(self, x):
+        x = ops.conv(x, self.kernel, strides=1, padding="same") + self.bias
+        if self.instance_norm:
+            x = instance_norm(x, self.shift, self.scale)
+        if self.relu:
+            x = ops.leaky_relu(x, LEAKY_SLOPE)
+        return x
+
+    def tf1_variables(self):
+        """This layer's variables in the reference's creation order: W, b[, shift, scale]."""
+        return [self.kernel, self.bias] + ([self.shift, self.scale] if self.instance_norm else [])
+
+    def tf1_variable_count(self):
+        return 4 if self.instance_norm else 2
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "instance_norm": self.instance_norm, "relu": self.relu}
+
+
+def instance_norm(x, shift, scale):
+    """Per sample and channel over H, W; population variance; epsilon inside the square root."""
+    mean, variance = ops.moments(x, axes=[1, 2], keepdims=True)
+    return scale * (x - mean) / ops.sqrt(variance + IN_EPSILON) + shift
+
+
+class UpConv(keras.layers.Layer):
+    """3x3 transposed convolution with stride 2 ('same'), no bias, then leaky ReLU 0.2.
+    The kernel is [3, 3, out, in], the layout of the reference and of Keras."""
+
+    def __init__(self, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = filters
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(name="kernel", shape=(3, 3, self.filters, input_shape[-1]),
+                                      initializer=_KERNEL_INIT)
+
+    def call(self, x):
+        return ops.leaky_relu(ops.conv_transpose(x, self.kernel, strides=2, padding="same"), LEAKY_SLOPE)
+
+    def tf1_variables(self):
+        return [self.kernel]
+
+    def tf1_variable_count(self):
+        return 1
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters}
+
+
+class OutputHead(ConvLayer):
+    """3x3 convolution to RGB, then tanh(x) * 0.58 + 0.5: range [-0.08, 1.08], never clipped."""
+
+    def __init__(self, **kwargs):
+        kwargs.update(filters=3, kernel_size=3, instance_norm=False, relu=False)
+        super().__init__(**kwargs)
+
+    def call(self, x):
+        return ops.tanh(super().call(x)) * 0.58 + 0.5
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("filters", "kernel_size", "instance_norm", "relu"):
+            config.pop(key)
+        return config
+
+
+class MultiConvBlock(keras.layers.Layer):
+    """MB(k, n): parallel branches of two stacked k'xk' convolutions for k' = 3, 5, ..., k,
+    each with n maps, concatenated in that order (n x number-of-branches channels)."""
+
+    def __init__(self, max_size, filters, instance_norm, **kwargs):
+        super().__init__(**kwargs)
+        self.max_size = max_size
+        self.filters = filters
+        self.instance_norm = instance_norm
+        self.branches = []
+        for size in range(3, max_size + 1, 2):
+            first = ConvLayer(filters, size, instance_norm, name=f"conv_{size}a")
+            second = ConvLayer(filters, size, instance_norm, name=f"conv_{size}b")
+            self.branches.append((first, second))
+
+    def build(self, input_shape):
+        for first, second in self.branches:
+            first.build(input_shape)
+            second.build(tuple(input_shape[:-1]) + (self.filters,))
+
+    def call(self, x):
+        outputs = [second(first(x)) for first, second in self.branches]
+        return outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=-1)
+
+    def conv_layers(self):
+        """Sub-layers in the reference's creation order: 3a, 3b, 5a, 5b, ..."""
+        return [layer for pair in self.branches for layer in pair]
+
+    def tf1_variable_count(self):
+        return sum(layer.tf1_variable_count() for layer in self.conv_layers())
+
+    def get_config(self):
+        return {**super().get_config(), "max_size": self.max_size, "filters": self.filters,
+                "instance_norm": self.instance_norm}
+
+
+def max_pool(x, name):
+    return keras.layers.MaxPooling2D(pool_size=2, strides=2, padding="valid", name=name)(x)
+
+
+def cat(*tensors):
+    return ops.concatenate(list(tensors), axis=-1)
+
+
+class _Builder:
+    """Creates the named layers and remembers their order and variable counts, which fix the
+    checkpoint numbering. A partial build creates the upsampling layers of the next level
+    too (as the reference does before its head), but Keras leaves them out of the model as
+    nothing uses them; their variable counts keep the numbering of what follows."""
+
+    def __init__(self):
+        self.order = []
+
+    def _add(self, layer):
+        self.order.append((layer.name, layer.tf1_variable_count()))
+        return layer
+
+    def mb(self, name, max_size, filters, instance_norm):
+        return self._add(MultiConvBlock(max_size, filters, instance_norm, name=name))
+
+    def up(self, name, filters):
+        return self._add(UpConv(filters, name=name))
+
+    def head(self, name):
+        return self._add(OutputHead(name=name))
+
+
+# ---------------------------------------------------------------------------------------
+# the graph, level by level
+
+def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet"):
+    """Build PyNET up to pyramid ``level`` (0 = everything, as the reference always builds).
+
+    Returns a keras.Model whose outputs are ``[output_l{level}, ..., output_l5]``.
+    """
+    if level not in range(6):
+        raise ValueError(f"level must be 0..5, got {level}")
+    b = _Builder()
+    IN, IN1 = instance_norm, instance_norm_level_1
+    raw = keras.Input(shape=(None, None, 4), name="raw")
+
+    # encoder
+    conv_l1_d1 = b.mb("conv_l1_d1", 3, 32, False)(raw)
+    pool1 = max_pool(conv_l1_d1, "pool1")
+    conv_l2_d1 = b.mb("conv_l2_d1", 3, 64, IN)(pool1)
+    pool2 = max_pool(conv_l2_d1, "pool2")
+    conv_l3_d1 = b.mb("conv_l3_d1", 3, 128, IN)(pool2)
+    pool3 = max_pool(conv_l3_d1, "pool3")
+    conv_l4_d1 = b.mb("conv_l4_d1", 3, 256, IN)(pool3)
+    pool4 = max_pool(conv_l4_d1, "pool4")
+
+    # level 5: 1/16 of the packed input
+    conv_l5_d1 = b.mb("conv_l5_d1", 3, 512, IN)(pool4)
+    conv_l5_d2 = b.mb("conv_l5_d2", 3, 512, IN)(conv_l5_d1) + conv_l5_d1
+    conv_l5_d3 = b.mb("conv_l5_d3", 3, 512, IN)(conv_l5_d2) + conv_l5_d2
+    conv_l5_d4 = b.mb("conv_l5_d4", 3, 512, IN)(conv_l5_d3)
+    conv_t4a = b.up("conv_t4a", 256)(conv_l5_d4)
+    conv_t4b = b.up("conv_t4b", 256)(conv_l5_d4)
+    outputs = [b.head("conv_l5_out")(conv_l5_d4)]
+
+    # level 4: 1/8
+    if level <= 4:
+        conv_l4_d2 = cat(conv_l4_d1, conv_t4a)
+        conv_l4_d3 = b.mb("conv_l4_d3", 3, 256, IN)(conv_l4_d2)
+        conv_l4_d4 = b.mb("conv_l4_d4", 3, 256, IN)(conv_l4_d3) + conv_l4_d3
+        conv_l4_d5 = b.mb("conv_l4_d5", 3, 256, IN)(conv_l4_d4) + conv_l4_d4
+        conv_l4_d6 = cat(b.mb("conv_l4_d6", 3, 256, IN)(conv_l4_d5), conv_t4b)
+        conv_l4_d7 = b.mb("conv_l4_d7", 3, 256, IN)(conv_l4_d6)
+        conv_t3a = b.up("conv_t3a", 128)(conv_l4_d7)
+        conv_t3b = b.up("conv_t3b", 128)(conv_l4_d7)
+        outputs.insert(0, b.head("conv_l4_out")(conv_l4_d7))
+
+    # level 3: 1/4
+    if level <= 3:
+        conv_l3_d2 = cat(conv_l3_d1, conv_t3a)
+        conv_l3_d3 = b.mb("conv_l3_d3", 5, 128, IN)(conv_l3_d2) + conv_l3_d2
+        conv_l3_d4 = b.mb("conv_l3_d4", 5, 128, IN)(conv_l3_d3) + conv_l3_d3
+        conv_l3_d5 = b.mb("conv_l3_d5", 5, 128, IN)(conv_l3_d4) + conv_l3_d4
+        conv_l3_d6 = cat(b.mb("conv_l3_d6", 5, 128, IN)(conv_l3_d5), conv_l3_d1)
+        conv_l3_d7 = cat(conv_l3_d6, conv_t3b)
+        conv_l3_d8 = b.mb("conv_l3_d8", 3, 128, IN)(conv_l3_d7)
+        conv_t2a = b.up("conv_t2a", 64)(conv_l3_d8)
+        conv_t2b = b.up("conv_t2b", 64)(conv_l3_d8)
+        outputs.insert(0, b.head("conv_l3_out")(conv_l3_d8))
+
+    # level 2: 1/2
+    if level <= 2:
+        conv_l2_d2 = cat(conv_l2_d1, conv_t2a)
+        conv_l2_d3 = cat(b.mb("conv_l2_d3", 5, 64, IN)(conv_l2_d2), conv_l2_d1)
+        conv_l2_d4 = b.mb("conv_l2_d4", 7, 64, IN)(conv_l2_d3) + conv_l2_d3
+        conv_l2_d5 = b.mb("conv_l2_d5", 7, 64, IN)(conv_l2_d4) + conv_l2_d4
+        conv_l2_d6 = b.mb("conv_l2_d6", 7, 64, IN)(conv_l2_d5) + conv_l2_d5
+        conv_l2_d7 = cat(b.mb("conv_l2_d7", 7, 64, IN)(conv_l2_d6), conv_l2_d1)
+        conv_l2_d8 = cat(b.mb("conv_l2_d8", 5, 64, IN)(conv_l2_d7), conv_t2b)
+        conv_l2_d9 = b.mb("conv_l2_d9", 3, 64, IN)(conv_l2_d8)
+        conv_t1a = b.up("conv_t1a", 32)(conv_l2_d9)
+        conv_t1b = b.up("conv_t1b", 32)(conv_l2_d9)
+        outputs.insert(0, b.head("conv_l2_out")(conv_l2_d9))
+
+    # level 1: the packed resolution; no instance norm at all with the reference's flags
+    if level <= 1:
+        conv_l1_d2 = cat(conv_l1_d1, conv_t1a)
+        conv_l1_d3 = cat(b.mb("conv_l1_d3", 5, 32, False)(conv_l1_d2), conv_l1_d1)
+        conv_l1_d4 = b.mb("conv_l1_d4", 7, 32, False)(conv_l1_d3)
+        conv_l1_d5 = b.mb("conv_l1_d5", 9, 32, IN1)(conv_l1_d4)
+        conv_l1_d6 = b.mb("conv_l1_d6", 9, 32, IN1)(conv_l1_d5) + conv_l1_d5
+        conv_l1_d7 = b.mb("conv_l1_d7", 9, 32, IN1)(conv_l1_d6) + conv_l1_d6
+        conv_l1_d8 = b.mb("conv_l1_d8", 9, 32, IN1)(conv_l1_d7) + conv_l1_d7
+        conv_l1_d9 = cat(b.mb("conv_l1_d9", 7, 32, False)(conv_l1_d8), conv_l1_d1)
+        conv_l1_d10 = cat(b.mb("conv_l1_d10", 5, 32, False)(conv_l1_d9), conv_t1b)
+        conv_l1_d11 = cat(conv_l1_d10, conv_l1_d1)
+        conv_l1_d12 = b.mb("conv_l1_d12", 3, 32, False)(conv_l1_d11)
+        outputs.insert(0, b.head("conv_l1_out")(conv_l1_d12))
+
+    # level 0: x2 upsampling to the mosaic's resolution
+    if level == 0:
+        conv_l0 = b.up("conv_l0", 8)(conv_l1_d12)
+        outputs.insert(0, b.head("conv_l0_out")(conv_l0))
+
+    model = keras.Model(raw, outputs, name=name)
+    model.tf1_order = tuple(b.order)
+    return model
+
+
+def as_list(outputs):
+    """Model outputs as a list: Keras returns a bare tensor for a single-output (level 5) build."""
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def built_level(model) -> int:
+    """The lowest level a PyNET model was built for (its first output)."""
+    return 6 - len(model.outputs)
+
+
+def level_model(model, level):
+    """A single-output view of ``model`` for ``level``, sharing its variables; running it
+    computes only what that level's output needs."""
+    first = built_level(model)
+    if not first <= level <= 5:
+        raise ValueError(f"model is built for levels {first}..5, not {level}")
+    return keras.Model(model.inputs, model.outputs[level - first], name=f"{model.name}_level_{level}")
+
+
+def copy_weights(source, target):
+    """Copy every weight layer of ``target`` from the same-named layer of ``source``
+    (e.g. between a level-N build and the full model)."""
+    present = {layer.name for layer in target.layers}
+    for name, _ in target.tf1_order:
+        if name in present:
+            target.get_layer(name).set_weights(source.get_layer(name).get_weights())
+
+
+# ---------------------------------------------------------------------------------------
+# TF1 checkpoints: keys generator/Variable, generator/Variable_1, ... in creation order
+
+def tf1_key(index: int) -> str:
+    return f"{TF1_SCOPE}/Variable" if index == 0 else f"{TF1_SCOPE}/Variable_{index}"
+
+
+_ROLES = {"kernel": "W", "bias": "b", "shift": "IN shift", "scale": "IN scale"}
+
+
+def tf1_variables(model):
+    """[(checkpoint key, variable, description)] for every variable of ``model`` in the
+    reference's creation order. A level-N build holds a prefix of the full list."""
+    present = {layer.name for layer in model.layers}
+    entries, index = [], 0
+    for name, count in model.tf1_order:
+        if name not in present:  # an unused upsampling layer of a partial build
+            index += count
+            continue
+        layer = model.get_layer(name)
+        convs = layer.conv_layers() if isinstance(layer, MultiConvBlock) else [layer]
+        for conv in convs:
+            label = f"{name}/{conv.name}" if conv is not layer else name
+            for var in conv.tf1_variables():
+                entries.append((tf1_key(index), var, f"{label} {_ROLES[var.name]}"))
+                index += 1
+    return entries
+
+
+def _open_checkpoint(prefix: str):
+    if not os.path.exists(prefix + ".index"):
+        raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")
+    try:
+        return tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError) as exc:
+        raise UserError(f"{prefix}: cannot read the checkpoint ({exc.__class__.__name__})") from None
+
+
+def load_checkpoint(model, prefix: str) -> None:
+    """Load a checkpoint with the reference's keys (the released TF1 weights or our own) into
+    ``model``, checking every key and shape before anything is assigned."""
+    reader = _open_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    values = []
+    for key, var, label in tf1_variables(model):
+        if key not in shapes:
+            raise UserError(f"{prefix}: key {key} ({label}, shape {list(var.shape)}) is missing from the checkpoint")
+        if list(shapes[key]) != list(var.shape):
+            raise UserError(f"{prefix}: {key} ({label}) has shape {list(shapes[key])}, expected {list(var.shape)}")
+        values.append((var, reader.get_tensor(key)))
+    for var, value in values:
+        var.assign(value)
+
+
+def save_checkpoint(model, prefix: str) -> None:
+    """Write all variables of a full PyNET under the reference's keys, as a TF V2 checkpoint
+    (``prefix.index`` + ``prefix.data-00000-of-00001``) that TF1's Saver can restore too.
+
+    Written under a temporary prefix and renamed, the index last: a crash never leaves a
+    checkpoint that looks complete but is not.
+    """
+    entries = tf1_variables(model)
+    if len(entries) != TF1_VARIABLE_COUNT:
+        raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
+    folder = os.path.dirname(prefix)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    tmp_prefix = f"{prefix}.tmp{os.getpid()}"
+    tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=[key for key, _, _ in entries],
+                      shape_and_slices=[""] * len(entries), tensors=[var.value for _, var, _ in entries])
+    data = ".data-00000-of-00001"
+    os.replace(tmp_prefix + data, prefix + data)
+    os.replace(tmp_prefix + ".index", prefix + ".index")
+
+
+def pad_to_multiple(packed, multiple=16):
+    """Reflect-pad a packed (H, W, 4) or (B, H, W, 4) array at the bottom and right to
+    multiples of ``multiple``; returns the padded array and the original (H, W)."""
+    packed = np.asarray(packed)
+    height, width = packed.shape[-3], packed.shape[-2]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:
+        pads = [(0, 0)] * packed.ndim
+        pads[-3], pads[-2] = (0, pad_h), (0, pad_w)
+        # reflect needs more pixels than the pad; 'symmetric' works for any size >= 1
+        packed = np.pad(packed, pads, mode="symmetric")
+    return packed, (height, width)

@@ -1,0 +1,48 @@
+"""Shared fixtures. Building the full 47.5M-parameter PyNET takes ~10 s here, so one
+instance serves every test of a session; tests that change its weights restore them."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+TSV_PATH = os.path.join(ROOT, "tests", "data", "pynet_tf1_variables.tsv")
+
+
+@pytest.fixture(scope="session")
+def full_model():
+    """The full PyNET (all levels), as every script builds it. Do not leave its weights changed."""
+    from model import PyNET
+
+    return PyNET()
+
+
+@pytest.fixture(scope="session")
+def reference_variables():
+    """The reference's 437 checkpoint variables: [(key, shape list, layer, role)] in creation order."""
+    rows = []
+    with open(TSV_PATH) as handle:
+        next(handle)
+        for line in handle:
+            key, shape, layer, role, _ = line.rstrip("\n").split("\t")
+            rows.append((key, [int(d) for d in shape.strip("[]").split(",")], layer, role))
+    return rows
+
+
+def write_tf1_checkpoint(prefix, arrays):
+    """Write ``{key: ndarray}`` with TF1's own Saver in a TF1 graph, as the reference did."""
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        variables = {key: tf.compat.v1.Variable(value, name=key.replace("/", "_")) for key, value in arrays.items()}
+        saver = tf.compat.v1.train.Saver(var_list=variables)
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, prefix, write_meta_graph=False, write_state=False)
+    return prefix
