@@ -1,0 +1,218 @@
+"""dng_to_png.py against real DNG files written with pidng and read back through rawpy/LibRaw.
+
+The PNGs are read with pypng (not the imageio/Pillow writer) and compared pixel for pixel with
+the mosaic that was written into the DNG, cropped/normalised here with plain NumPy.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import png  # pypng
+import pytest
+import rawpy
+from pidng.core import RAW2DNG, DNGTags, Tag
+from pidng.defs import CalibrationIlluminant, DNGVersion, Orientation, PhotometricInterpretation
+
+import dng_to_png
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFA_CODES = {"R": 0, "G": 1, "B": 2}
+
+
+def write_dng(path, mosaic, pattern="RGGB", bits=10, black=64, white=None, active=None, cfa=None, dims=(2, 2),
+              linear=False):
+    """An uncompressed DNG (LibRaw, like dcraw, ignores images under 22 pixels a side).
+
+    pidng packs 10-bit samples when the width is a multiple of 4 and 12-bit ones when it is even;
+    its 14-bit packer is broken, so 14-bit (and odd-width) data is stored in 16-bit samples, the
+    bit depth being given by WhiteLevel, as many cameras do."""
+    mosaic = np.asarray(mosaic, dtype=np.uint16)
+    height, width = mosaic.shape[:2]
+    packable = (bits == 10 and width % 4 == 0) or (bits == 12 and width % 2 == 0)
+    tags = DNGTags()
+    tags.set(Tag.ImageWidth, width)
+    tags.set(Tag.ImageLength, height)
+    tags.set(Tag.TileWidth, width)
+    tags.set(Tag.TileLength, height)
+    tags.set(Tag.Orientation, Orientation.Horizontal)
+    tags.set(Tag.BitsPerSample, bits if packable and not linear else 16)
+    if linear:
+        tags.set(Tag.PhotometricInterpretation, PhotometricInterpretation.Linear_Raw)
+        tags.set(Tag.SamplesPerPixel, 3)
+    else:
+        tags.set(Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array)
+        tags.set(Tag.SamplesPerPixel, 1)
+        tags.set(Tag.CFARepeatPatternDim, list(dims))
+        tags.set(Tag.CFAPattern, cfa if cfa is not None else [CFA_CODES[c] for c in pattern])
+    if isinstance(black, (list, tuple)):
+        tags.set(Tag.BlackLevelRepeatDim, [2, 2])
+    tags.set(Tag.BlackLevel, black)
+    tags.set(Tag.WhiteLevel, white if white is not None else (1 << bits) - 1)
+    tags.set(Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]])
+    tags.set(Tag.CalibrationIlluminant1, CalibrationIlluminant.D65)
+    tags.set(Tag.AsShotNeutral, [[1, 1], [1, 1], [1, 1]])
+    tags.set(Tag.Make, "Test")
+    tags.set(Tag.Model, "Synthetic")
+    tags.set(Tag.DNGVersion, DNGVersion.V1_4)
+    tags.set(Tag.DNGBackwardVersion, DNGVersion.V1_2)
+    if active:
+        tags.set(Tag.ActiveArea, list(active))
+    writer = RAW2DNG()
+    writer.options(tags, path="", compress=False)
+    folder, name = os.path.split(str(path))
+    data = writer.convert(mosaic, filename="")
+    with open(os.path.join(folder, name), "wb") as handle:
+        handle.write(data)
+    return str(path)
+
+
+def read_png(path):
+    width, height, rows, info = png.Reader(filename=str(path)).read()
+    assert info["greyscale"] and info["bitdepth"] == 16 and info["planes"] == 1
+    return np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
+
+
+def convert(path, **options):
+    lines = []
+    out = dng_to_png.convert(str(path), log=lines.append, **options)
+    return out, "\n".join(lines)
+
+
+def r_position(pattern):
+    index = pattern.index("R")
+    return index // 2, index % 2
+
+
+@pytest.mark.parametrize("bits", [10, 12, 14])
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_patterns_and_bit_depths_round_trip(tmp_path, pattern, bits):
+    rng = np.random.default_rng(bits)
+    white, black = (1 << bits) - 1, 16 << (bits - 8)
+    mosaic = rng.integers(0, white + 1, (38, 56)).astype(np.uint16)
+    path = write_dng(tmp_path / f"{pattern}_{bits}.dng", mosaic, pattern, bits, black)
+    with rawpy.imread(path) as raw:  # the file says what was written
+        np.testing.assert_array_equal(raw.raw_image, mosaic)
+        assert raw.white_level == white and list(raw.black_level_per_channel) == [black] * 4
+
+    # faithful default: the whole raw_image, values untouched, PNG named after the DNG
+    out, log = convert(path)
+    assert out == str(tmp_path / f"{pattern}_{bits}.png")
+    np.testing.assert_array_equal(read_png(out), mosaic)
+    assert f"pattern {pattern}" in log
+
+    # rggb=true: the mosaic now starts with the R pixel of the written pattern
+    rows, cols = r_position(pattern)
+    out, log = convert(path, output_dir=str(tmp_path / "rggb"), rggb=True)
+    np.testing.assert_array_equal(read_png(out), mosaic[rows:, cols:])
+
+    # normalize=true: black -> 63, white -> 1023, per pixel, rounded and clipped
+    out, _ = convert(path, output_dir=str(tmp_path / "norm"), rggb=True, normalize=True)
+    expected = 63 + (mosaic[rows:, cols:].astype(np.float64) - black) * (1023 - 63) / (white - black)
+    expected = np.clip(np.floor(expected + 0.5), 0, 1023)
+    np.testing.assert_array_equal(read_png(out), expected)
+
+
+def test_per_channel_black_levels(tmp_path):
+    rng = np.random.default_rng(0)
+    mosaic = rng.integers(0, 4096, (24, 30)).astype(np.uint16)
+    blacks = [60, 62, 64, 66]  # per 2x2 position, row-major, as BlackLevelRepeatDim 2x2 writes them
+    path = write_dng(tmp_path / "b.dng", mosaic, "GBRG", 12, blacks)
+    out, _ = convert(path, normalize=True, black_level=0)
+    black_map = np.tile(np.array(blacks, dtype=np.float64).reshape(2, 2), (12, 15))
+    expected = np.clip(np.floor((mosaic - black_map) * 1023 / (4095 - black_map) + 0.5), 0, 1023)
+    np.testing.assert_array_equal(read_png(out), expected)
+
+
+def test_visible_area(tmp_path):
+    rng = np.random.default_rng(1)
+    mosaic = rng.integers(0, 1024, (48, 72)).astype(np.uint16)
+    path = write_dng(tmp_path / "a.dng", mosaic, "RGGB", 10, 64, active=(2, 4, 46, 70))
+    out, _ = convert(path, visible=True)
+    np.testing.assert_array_equal(read_png(out), mosaic[2:46, 4:70])
+    out, _ = convert(path, output_dir=str(tmp_path / "full"))
+    np.testing.assert_array_equal(read_png(out), mosaic)
+
+
+def test_crop_to_multiple_of_32_keeps_the_top_left(tmp_path):
+    rng = np.random.default_rng(2)
+    mosaic = rng.integers(0, 1024, (101, 141)).astype(np.uint16)
+    path = write_dng(tmp_path / "c.dng", mosaic, "BGGR", 10, 64)
+    out, _ = convert(path, rggb=True, crop32=True)
+    np.testing.assert_array_equal(read_png(out), mosaic[1:97, 1:129])
+
+
+def test_several_files_a_folder_and_output_dir(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    mosaics = {}
+    for name in ("a.dng", "b.DNG"):
+        mosaics[name] = rng.integers(0, 1024, (24, 32)).astype(np.uint16)
+        write_dng(folder / name, mosaics[name])
+    single = rng.integers(0, 1024, (24, 30)).astype(np.uint16)
+    write_dng(tmp_path / "c.dng", single)
+    (folder / "notes.txt").write_text("not a dng")
+    out_dir = tmp_path / "out"
+    assert utils.run(dng_to_png.main, [str(folder), str(tmp_path / "c.dng"), f"output_dir={out_dir}"]) == 0
+    assert sorted(os.listdir(out_dir)) == ["a.png", "b.png", "c.png"]
+    np.testing.assert_array_equal(read_png(out_dir / "a.png"), mosaics["a.dng"])
+    np.testing.assert_array_equal(read_png(out_dir / "b.png"), mosaics["b.DNG"])
+    np.testing.assert_array_equal(read_png(out_dir / "c.png"), single)
+    assert "converted 3 files" in capsys.readouterr().out
+
+
+NON_BAYER = {
+    "X-Trans": dict(dims=(6, 6), cfa=[1, 1, 0, 1, 1, 2, 1, 1, 2, 1, 1, 0, 2, 0, 1, 0, 2, 1,
+                                      1, 1, 2, 1, 1, 0, 1, 1, 0, 1, 1, 2, 0, 2, 1, 2, 0, 1]),
+    "Quad-Bayer": dict(dims=(4, 4), cfa=[0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 2, 2, 1, 1, 2, 2]),
+    "non-Bayer colour filter": dict(cfa=[3, 5, 1, 4]),  # CYGM
+    "linear": dict(linear=True),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(NON_BAYER))
+def test_non_bayer_files_are_refused(tmp_path, kind):
+    options = NON_BAYER[kind]
+    shape = (24, 36, 3) if options.get("linear") else (24, 36)
+    path = write_dng(tmp_path / "x.dng", np.random.default_rng(4).integers(0, 1024, shape), **options)
+    with pytest.raises(utils.UserError, match=kind) as error:
+        dng_to_png.convert(path, log=lambda line: None)
+    assert path in str(error.value) and "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_bad_input_is_one_line_and_leaves_existing_output_alone(tmp_path):
+    junk = tmp_path / "photo.dng"
+    junk.write_bytes(b"this is no raw file" * 100)
+    existing = tmp_path / "photo.png"
+    existing.write_bytes(b"previous result")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "dng_to_png.py")
+
+    def run(*args):
+        return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=120)
+
+    for args, code, words in [((str(junk),), 1, "cannot read it as a raw DNG"),
+                              ((str(tmp_path / "missing.dng"),), 1, "file not found"),
+                              ((os.path.join(ROOT, "utils.py"),), 1, "expected a .dng file"),
+                              ((), 2, "no DNG file given"),
+                              ((str(junk), "crop=32"), 2, "unknown argument")]:
+        result = run(*args)
+        assert result.returncode == code, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+    assert existing.read_bytes() == b"previous result"
+    helped = run("help")
+    assert helped.returncode == 0 and "normalize" in helped.stdout and "[false]" in helped.stdout
+
+
+def test_truncated_dng_is_refused(tmp_path):
+    good = write_dng(tmp_path / "g.dng", np.zeros((64, 96), np.uint16))
+    data = open(good, "rb").read()
+    (tmp_path / "t.dng").write_bytes(data[: len(data) // 3])
+    with pytest.raises(utils.UserError, match="cannot read it as a raw DNG") as error:
+        dng_to_png.convert(str(tmp_path / "t.dng"), log=lambda line: None)
+    assert "\n" not in str(error.value)
