@@ -1,0 +1,828 @@
+"""Train PyNET one pyramid level at a time, as the reference's train_model.py (reference §3).
+
+    python train_model.py level=5                      # from scratch
+    python train_model.py level=4                      # starts from level 5's latest checkpoint
+    python train_model.py level=3 batch_size=48 num_train_iters=20000
+    ...
+    python train_model.py level=0 batch_size=10 num_train_iters=100000
+
+Faithful to the reference: the arguments and their defaults, the loss of each level (§3.3),
+Adam at 5e-5 restarted at every level, the data sampling and augmentation (load_dataset.py),
+num_train_iters + 1 steps, an evaluation over the test split every ``eval_step`` iterations
+(i = 0 included) with the reference's log line appended to models/logs.txt, visual results
+[prediction | target] in results/ and a checkpoint models/pynet_level_{L}_iteration_{I}.ckpt
+holding all 437 variables under the reference's keys.
+
+Added: a progress bar, TensorBoard summaries, ``resume=true`` (optimizer state and iteration
+count), a checkpoint on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
+atomic checkpoints, ``tf.distribute`` (mirrored / multi-worker), gradient accumulation,
+mixed precision and smaller patches.  See the README's training section.
+"""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import numpy as np
+
+import utils
+from utils import Arg, UsageError, UserError
+
+STRATEGIES = ("auto", "one", "mirrored", "multi_worker")
+NUM_VISUAL = 4  # visual results saved per evaluation, as the reference
+STATE_SUFFIX = ".train_state"  # optimizer state + iteration, beside the model checkpoint
+
+
+def _default_iters(values):
+    """per level: 100000, 35000, 20000, 20000, 5000, 5000 for levels 0..5"""
+    return utils.NUM_DEFAULT_TRAIN_ITERS[values["level"]]
+
+
+def _default_eval_batch(values):
+    """batch_size / accum_steps"""
+    return max(1, values["batch_size"] // max(1, values["accum_steps"]))
+
+
+def _patch_check(value):
+    return None if 16 <= value <= 224 and value % 16 == 0 else "a multiple of 16 from 16 to 224"
+
+
+SPEC = [
+    # the reference's arguments (§3.1)
+    utils.level_arg(),
+    Arg("batch_size", int, 50, "training batch size (the global batch: split over accumulation steps and "
+        "replicas); the reference's commands use 50, 50, 48, 18, 12, 10 for levels 5..0", check=utils.positive),
+    Arg("train_size", int, 5000, "number of training patches sampled from, redrawn every refresh_every "
+        "iterations", check=utils.positive),
+    Arg("learning_rate", float, 5e-5, "Adam learning rate", check=utils.positive),
+    Arg("restore_iter", utils.OPTIONAL_INT, None, "iteration of the level+1 checkpoint to start from; "
+        "none = its latest one", check=utils.non_negative),
+    Arg("num_train_iters", int, _default_iters, "number of training iterations (the loop runs this + 1 steps)",
+        check=utils.non_negative),
+    utils.dataset_dir_arg(),
+    Arg("vgg_dir", str, "vgg_pretrained/imagenet-vgg-verydeep-19.mat",
+        "VGG-19 weights for the content loss of levels 3..0 (MatConvNet .mat, or Keras' VGG19 .h5)"),
+    Arg("eval_step", int, 1000, "evaluate, log and save a checkpoint every this many iterations",
+        check=utils.positive),
+    # additions
+    Arg("patch_size", int, 224, "side of the packed training/test crops (224 = the whole ZRR patch)",
+        check=_patch_check),
+    Arg("whole_dataset", utils.BOOL, False, "stream every training patch (reshuffled each pass) instead of "
+        "train_size patches redrawn every refresh_every iterations"),
+    Arg("refresh_every", int, 1000, "iterations between redraws of the train_size subset", check=utils.positive),
+    Arg("eval_batch_size", int, _default_eval_batch, "batch size of the evaluation (the reference uses "
+        "batch_size)", check=utils.positive),
+    Arg("resume", utils.BOOL, False, "continue this level from its latest checkpoint, with the optimizer state "
+        "and iteration count (starts the level normally when there is none)"),
+    Arg("strategy", str, "auto", "tf.distribute strategy: auto = mirrored over all GPUs when there are several, "
+        "multi_worker when TF_CONFIG names several tasks, else one device", choices=STRATEGIES),
+    Arg("devices", str, "", "comma-separated devices for strategy=mirrored (default: all GPUs)"),
+    Arg("accum_steps", int, 1, "accumulate gradients over this many micro-batches of batch_size/accum_steps "
+        "per update", check=utils.positive),
+    Arg("mixed_precision", utils.BOOL, False, "float16 compute (mixed_float16) with float32 variables and loss"),
+    Arg("seed", int, 0, "random seed of the data sampling and augmentation"),
+    Arg("deterministic", utils.BOOL, False, "deterministic TensorFlow ops (slower; for reproducible runs)"),
+    Arg("skip_bad", utils.BOOL, False, "skip unreadable or malformed patches with a warning instead of stopping"),
+    Arg("models_dir", str, "models/", "checkpoints, logs.txt and TensorBoard summaries"),
+    Arg("results_dir", str, "results/", "visual results"),
+    Arg("visual_stretch", utils.BOOL, False, "min-max stretch the visual results as the reference "
+        "(scipy imsave) did, instead of clipping to [0, 1]"),
+    Arg("tensorboard", utils.BOOL, True, "write TensorBoard summaries under models_dir/tensorboard/"),
+    Arg("progress", utils.BOOL, True, "show a progress bar"),
+]
+
+DESCRIPTION = "Train PyNET level by level (5, 4, 3, 2, 1, 0), as the reference's train_model.py."
+
+
+class TrainingStopped(UserError):
+    """Ctrl-C or SIGTERM: a checkpoint was written, exit status 130."""
+
+    exit_code = 130
+
+
+# ---------------------------------------------------------------------------------------
+# arguments
+
+def parse_arguments(argv) -> dict:
+    args = utils.parse_args(argv, SPEC, "train_model.py", DESCRIPTION)
+    if args["batch_size"] % args["accum_steps"]:
+        raise UsageError(f"batch_size={args['batch_size']} is not divisible by accum_steps={args['accum_steps']}")
+    if args["resume"] and args["restore_iter"] is not None:
+        raise UsageError("restore_iter picks the level+1 checkpoint a level starts from; resume=true continues "
+                         "this level from its latest checkpoint: give one or the other")
+    if args["devices"] and args["strategy"] != "mirrored":
+        raise UsageError("devices= is for strategy=mirrored")
+    return args
+
+
+def micro_batch(args) -> int:
+    return args["batch_size"] // args["accum_steps"]
+
+
+# ---------------------------------------------------------------------------------------
+# devices and strategies
+
+def tf_config_tasks():
+    """Number of tasks TF_CONFIG declares (0 when unset or unreadable)."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return 0
+    try:
+        cluster = json.loads(text).get("cluster", {})
+    except (ValueError, AttributeError):
+        raise UserError("TF_CONFIG is not valid JSON") from None
+    return sum(len(tasks) for tasks in cluster.values())
+
+
+def is_chief() -> bool:
+    """Whether this process writes the logs, results and checkpoints (multi-worker: the chief or
+    worker 0 when there is no chief)."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        return True
+    try:
+        config = json.loads(text)
+    except ValueError:
+        raise UserError("TF_CONFIG is not valid JSON") from None
+    task = config.get("task", {})
+    kind, index = task.get("type", "worker"), int(task.get("index", 0))
+    if "chief" in config.get("cluster", {}):
+        return kind == "chief"
+    return kind == "worker" and index == 0
+
+
+def make_strategy(name: str = "auto", devices: str = ""):
+    """The tf.distribute strategy for ``strategy=``; must run before anything else touches TF."""
+    import tensorflow as tf
+
+    if name == "auto":
+        if tf_config_tasks() > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "one"
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        chosen = [d.strip() for d in devices.split(",") if d.strip()] or None
+        return tf.distribute.MirroredStrategy(devices=chosen)
+    return tf.distribute.get_strategy()  # the default strategy: one device, no distribution
+
+
+def configure(args) -> None:
+    """Process-wide settings that must precede building the model."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(args["seed"])
+    if args["deterministic"]:
+        tf.config.experimental.enable_op_determinism()
+    if args["mixed_precision"]:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+
+
+# ---------------------------------------------------------------------------------------
+# where a level starts
+
+class Start:
+    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights) or "resume"."""
+
+    def __init__(self, kind, prefix=None, iteration=-1):
+        self.kind, self.prefix, self.iteration = kind, prefix, iteration
+
+    def __repr__(self):
+        return f"Start({self.kind!r}, {self.prefix!r}, {self.iteration})"
+
+
+def state_prefix(model_prefix: str) -> str:
+    return model_prefix + STATE_SUFFIX
+
+
+def resumable_iterations(models_dir, level):
+    """Iterations of ``level`` that have both the model checkpoint and the training state."""
+    found = []
+    if os.path.isdir(models_dir):
+        for name in os.listdir(models_dir):
+            prefix = os.path.join(models_dir, name[: -len(".ckpt.index")] + ".ckpt")
+            if name.startswith(f"pynet_level_{level}_iteration_") and name.endswith(".ckpt.index"):
+                if os.path.exists(state_prefix(prefix) + ".index"):
+                    found.append(int(name[len(f"pynet_level_{level}_iteration_"): -len(".ckpt.index")]))
+    return sorted(found)
+
+
+def find_start(args, log=print) -> Start:
+    """Decide what the run starts from, or raise a one-line UserError."""
+    level, models_dir = args["level"], args["models_dir"]
+    if args["resume"]:
+        done = resumable_iterations(models_dir, level)
+        if done:
+            latest_model = utils.get_last_iter(level, models_dir)
+            if latest_model is not None and latest_model > done[-1]:
+                log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
+                    f"resuming from iteration {done[-1]}")
+            return Start("resume", utils.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
+        log(f"note: resume=true but no level-{level} checkpoint with training state in {models_dir}: "
+            f"starting level {level} from the beginning")
+    if level == 5:
+        return Start("scratch")
+    upper = level + 1
+    iteration = args["restore_iter"]
+    if iteration is None:
+        iteration = utils.get_last_iter(upper, models_dir)
+        if iteration is None:
+            raise UserError(f"no level-{upper} checkpoint (pynet_level_{upper}_iteration_*.ckpt) in {models_dir}: "
+                            f"train level {upper} first (python train_model.py level={upper})")
+    prefix = utils.checkpoint_prefix(models_dir, upper, iteration)
+    if not os.path.exists(prefix + ".index"):
+        raise UserError(f"{prefix}: no such checkpoint (restore_iter={iteration}); "
+                        f"the latest level-{upper} one is iteration {utils.get_last_iter(upper, models_dir)}")
+    return Start("handover", prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+def check_eval_batch(args, num_test):
+    if num_test < args["eval_batch_size"]:
+        raise UserError(f"eval_batch_size={args['eval_batch_size']} is larger than the {num_test} test patches of "
+                        f"{args['dataset_dir']}: the evaluation uses full batches only (as the reference); lower "
+                        f"batch_size or eval_batch_size")
+
+
+def train_data(args, start_step: int = 0):
+    """The training stream, positioned after ``start_step`` optimizer steps (for resume=true),
+    in batches of batch_size / accum_steps.  Returns (dataset, error log)."""
+    import load_dataset
+
+    level, patch, batch = args["level"], args["patch_size"], args["batch_size"]
+    common = dict(train_size=args["train_size"], whole=args["whole_dataset"], patch=patch, seed=args["seed"],
+                  skip_bad=args["skip_bad"], refresh_every=args["refresh_every"])
+    if start_step == 0:
+        ds = load_dataset.train_dataset(args["dataset_dir"], level, batch, **common)
+    else:
+        # Skip the sample plans of the steps already done without reading their files: the
+        # plan generator is the same one train_dataset uses, so the stream continues exactly.
+        import tensorflow as tf
+
+        indices = load_dataset.check_dataset(args["dataset_dir"], "train", skip_bad=args["skip_bad"], verbose=False)
+        train_size = min(common["train_size"], len(indices))
+        if not common["whole"] and common["train_size"] > len(indices):
+            load_dataset.warn(f"train_size={common['train_size']} is larger than the {len(indices)} training "
+                              f"patches of {args['dataset_dir']}: using all {len(indices)}")
+
+        def generator():
+            return load_dataset.train_plan(indices, batch, train_size, common["whole"], patch, level,
+                                           common["seed"], common["refresh_every"])
+
+        plans = tf.data.Dataset.from_generator(generator, output_signature=tf.TensorSpec((5,), tf.int64))
+        plans = plans.skip(start_step * batch)
+        ds = load_dataset._pipeline(plans, args["dataset_dir"], "train", level, patch, batch, args["skip_bad"],
+                                    drop_remainder=True)
+    log = ds._pynet_error_log
+    if args["accum_steps"] > 1:
+        # The plan (subset redraws included) follows optimizer steps of batch_size samples, as
+        # the reference; each step's batch is then cut into accum_steps micro-batches.
+        ds = ds.unbatch().batch(micro_batch(args), drop_remainder=True)
+    return ds, log
+
+
+def test_data(args):
+    """The test split (checked file by file) in batches of eval_batch_size, its error log and
+    the indices of its usable patches."""
+    import load_dataset
+
+    ds = load_dataset.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
+                                   patch=args["patch_size"], skip_bad=args["skip_bad"])
+    indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], verbose=False)
+    check_eval_batch(args, len(indices))
+    return ds, ds._pynet_error_log, indices
+
+
+def visual_crops(args, test_indices):
+    """The fixed test crops shown at every evaluation: NUM_VISUAL random test patches (with
+    replacement, as the reference's randint), centre-cropped like the test split."""
+    import load_dataset
+
+    rs = np.random.RandomState(args["seed"])
+    chosen = [test_indices[j] for j in rs.randint(0, len(test_indices), NUM_VISUAL)]
+    patch, level = args["patch_size"], args["level"]
+    step = load_dataset.crop_step(level)
+    offset = (load_dataset.PATCH - patch) // 2 // step * step
+    pairs = [load_dataset.load_pair(args["dataset_dir"], "test", i, level, patch, offset=(offset, offset))
+             for i in chosen]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def next_batch(iterator, log):
+    """Next element of a pipeline; a bad file that ended it becomes its one-line DataError."""
+    import load_dataset
+
+    try:
+        return next(iterator)
+    except StopIteration:
+        if log is not None and log.first is not None:
+            raise load_dataset.DataError(log.first) from None
+        raise UserError("the training data stream ended unexpectedly") from None
+
+
+# ---------------------------------------------------------------------------------------
+# model, optimizer, steps
+
+def build_optimizer(args):
+    """Adam as the reference's tf.train.AdamOptimizer: beta1 0.9, beta2 0.999, epsilon 1e-8."""
+    import keras
+
+    optimizer = keras.optimizers.Adam(learning_rate=args["learning_rate"], beta_1=0.9, beta_2=0.999, epsilon=1e-8)
+    if args["mixed_precision"]:
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def base_optimizer(optimizer):
+    """The Adam inside a LossScaleOptimizer (its state is what a checkpoint keeps)."""
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+class Steps:
+    """The compiled training step (with optional gradient accumulation) and evaluation step.
+
+    Under a strategy each replica's loss is the sum of its per-image losses divided by the
+    GLOBAL batch size (batch_size), so that the all-reduced (summed) gradient, and the sum over
+    accumulation steps, equal the gradient of the batch mean on one device.
+    """
+
+    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision):
+        import tensorflow as tf
+
+        import losses
+
+        self.strategy, self.view, self.optimizer = strategy, view, optimizer
+        self.level, self.vgg, self.accum_steps = level, vgg, accum_steps
+        self.global_batch = float(batch_size)
+        self.mixed = mixed_precision
+        self.trainable = view.trainable_variables
+        self.accumulators = None
+        if accum_steps > 1:
+            with strategy.scope():
+                # one local sum per replica (ON_READ), all-reduced by the optimizer when applied
+                self.accumulators = [
+                    tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                                synchronization=tf.VariableSynchronization.ON_READ,
+                                aggregation=tf.VariableAggregation.SUM, name=f"accum_{i}")
+                    for i, v in enumerate(self.trainable)]
+        sum_ = tf.distribute.ReduceOp.SUM
+
+        def loss_and_grads(raw, target):
+            with tf.GradientTape() as tape:
+                enhanced = view(raw, training=True)
+                per_image, _ = losses.level_loss_per_image(level, enhanced, target, vgg)
+                loss = tf.reduce_sum(per_image) / self.global_batch
+                scaled = optimizer.scale_loss(loss) if self.mixed else loss
+            return loss, tape.gradient(scaled, self.trainable)
+
+        def replica_step(raw, target):
+            loss, grads = loss_and_grads(raw, target)
+            optimizer.apply_gradients(zip(grads, self.trainable))
+            return loss
+
+        def replica_accumulate(raw, target):
+            loss, grads = loss_and_grads(raw, target)
+            for acc, grad in zip(self.accumulators, grads):
+                acc.assign_add(grad)
+            return loss
+
+        def replica_apply():
+            grads = [acc.read_value() for acc in self.accumulators]
+            optimizer.apply_gradients(zip(grads, self.trainable))
+            with tf.control_dependencies(grads):
+                for acc in self.accumulators:
+                    acc.assign(tf.zeros_like(acc))
+
+        @tf.function
+        def step(batch):
+            return strategy.reduce(sum_, strategy.run(replica_step, args=batch), axis=None)
+
+        @tf.function
+        def accumulate(batch):
+            return strategy.reduce(sum_, strategy.run(replica_accumulate, args=batch), axis=None)
+
+        @tf.function
+        def apply():
+            strategy.run(replica_apply)
+
+        @tf.function
+        def evaluate(raw, target):
+            enhanced = tf.cast(view(raw, training=False), tf.float32)
+            total, parts = losses.level_loss(level, enhanced, target, vgg)
+            out = {"loss": total, "mse": parts["mse"], "psnr": losses.psnr_from_mse(parts["mse"])}
+            if vgg is not None:
+                out["content"] = parts["content"] if "content" in parts else losses.content_loss(vgg, enhanced, target)
+            ms = losses.ms_ssim(enhanced, target)
+            if ms is not None:
+                out["ms_ssim"] = ms
+            return out
+
+        @tf.function
+        def predict(raw):
+            return tf.cast(view(raw, training=False), tf.float32)
+
+        self._step, self._accumulate, self._apply = step, accumulate, apply
+        self.evaluate, self.predict = evaluate, predict
+
+    def train_step(self, next_input):
+        """One optimizer step; ``next_input()`` returns the next (distributed) micro-batch.
+        Returns (loss of the batch as a float, seconds spent waiting for input)."""
+        waited, total = 0.0, 0.0
+        if self.accumulators is None:
+            t0 = time.perf_counter()
+            batch = next_input()
+            waited += time.perf_counter() - t0
+            return float(self._step(batch)), waited
+        for _ in range(self.accum_steps):
+            t0 = time.perf_counter()
+            batch = next_input()
+            waited += time.perf_counter() - t0
+            total += float(self._accumulate(batch))
+        self._apply()
+        return total, waited
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+
+def _rename_checkpoint_files(tmp_prefix, prefix):
+    folder = os.path.dirname(tmp_prefix) or "."
+    base = os.path.basename(tmp_prefix)
+    files = [n for n in os.listdir(folder) if n.startswith(base + ".")]
+    # data files first, the index last: a checkpoint is complete once its index exists
+    for name in sorted(files, key=lambda n: n.endswith(".index")):
+        os.replace(os.path.join(folder, name), prefix + name[len(base):])
+
+
+def state_variables(optimizer, counters):
+    """What resume=true restores besides the model: Adam's variables (iteration count and
+    moments, in order) and the loop's counters."""
+    variables = {f"adam_{i:04d}": v for i, v in enumerate(base_optimizer(optimizer).variables)}
+    variables.update(counters)
+    return variables
+
+
+def save_state(optimizer, counters, prefix):
+    """Write the training state of checkpoint ``prefix`` atomically (temporary name, renamed)."""
+    import tensorflow as tf
+
+    tmp = f"{state_prefix(prefix)}.tmp{os.getpid()}"
+    tf.train.Checkpoint(**state_variables(optimizer, counters)).write(tmp)
+    _rename_checkpoint_files(tmp, state_prefix(prefix))
+
+
+def restore_state(optimizer, counters, prefix):
+    """Read the training state written by save_state, checking that it fits this optimizer."""
+    import tensorflow as tf
+
+    path = state_prefix(prefix)
+    variables = state_variables(optimizer, counters)
+    try:
+        reader = tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError):
+        raise UserError(f"{path}: cannot read the training state") from None
+    stored = {k.split("/")[0]: v for k, v in reader.get_variable_to_shape_map().items()
+              if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
+    for name, var in variables.items():
+        if name not in stored or list(stored[name]) != list(var.shape):
+            raise UserError(f"{path}: the training state does not match this run ({name}); it was written for "
+                            f"another level or setting")
+    if len(stored) != len(variables):
+        raise UserError(f"{path}: the training state has {len(stored)} entries, this run {len(variables)}: "
+                        f"written for another level or setting")
+    tf.train.Checkpoint(**variables).read(path).assert_existing_objects_matched().expect_partial()
+
+
+def save_training_checkpoint(model, optimizer, counters, prefix):
+    """Training state first, then the model checkpoint (the reference's keys, all 437 variables),
+    each written under a temporary name and renamed."""
+    import model as pynet
+
+    save_state(optimizer, counters, prefix)
+    pynet.save_checkpoint(model, prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# outputs: log line, visual results, TensorBoard
+
+def format_log(i, training, metrics) -> str:
+    """The reference's log line; content is "n/a" at levels 5 and 4 when VGG is not loaded."""
+    content = f"{metrics['content']:.4g}" if "content" in metrics else "n/a"
+    line = (f"step {i} | training: {training:.4g}, test: {metrics['loss']:.4g} | content: {content}, "
+            f"mse: {metrics['mse']:.4g}, psnr: {metrics['psnr']:.4g}")
+    if "ms_ssim" in metrics:
+        line += f", ms-ssim: {metrics['ms_ssim']:.4g}"
+    return line
+
+
+def visual_images(predictions, targets, stretch):
+    """uint8 [prediction | target] images, clipped (or min-max stretched as the reference)."""
+    return [utils.to_uint(np.hstack((p, t)), 8, stretch) for p, t in zip(predictions, targets)]
+
+
+def write_jpeg(path, image):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with utils.atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=95)
+
+
+class Summaries:
+    """TensorBoard summaries written with TensorFlow's own ``tf.summary.write`` and the plugin
+    metadata TensorBoard's scalar and image dashboards read, so that training does not need
+    the tensorboard package (only viewing them does)."""
+
+    def __init__(self, logdir):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self.writer = tf.summary.create_file_writer(logdir)
+        self.logdir = logdir
+
+        def metadata(plugin, data_class):
+            return summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
+                data_class=data_class).SerializeToString()
+
+        self._scalar_meta = metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
+        self._image_meta = metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
+
+    def scalar(self, tag, value, step):
+        import tensorflow as tf
+
+        with self.writer.as_default():
+            tf.summary.write(tag, tf.constant(float(value), tf.float32), step=int(step), metadata=self._scalar_meta)
+
+    def images(self, tag, images, step):
+        """uint8 H x W x 3 arrays of one size, stored as PNGs (TensorBoard's image layout:
+        [width, height, png, png, ...])."""
+        import tensorflow as tf
+
+        height, width = images[0].shape[:2]
+        blobs = [str(width).encode(), str(height).encode()] + [tf.io.encode_png(img).numpy() for img in images]
+        with self.writer.as_default():
+            tf.summary.write(tag, tf.constant(blobs), step=int(step), metadata=self._image_meta)
+
+    def flush(self):
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM (or a test); the loop saves a checkpoint and stops after the
+    current step. A second signal stops at once."""
+
+    def __init__(self):
+        self.reason = None
+
+    def request(self, reason):
+        self.reason = reason
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum, frame):
+            if self.reason is not None:
+                raise KeyboardInterrupt
+            self.reason = signal.Signals(signum).name
+            print(f"\n{self.reason} received: saving a checkpoint after the current step "
+                  f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+# ---------------------------------------------------------------------------------------
+# the trainer
+
+class Trainer:
+    """Everything a run needs, set up in ``__init__`` (cheap checks first), run by ``run()``.
+
+    ``model`` may be passed in (a full PyNET built in ``strategy``'s scope) to reuse one across
+    runs; ``stop`` is a StopRequest; ``on_step(i, loss)`` is called after each step (tests).
+    """
+
+    def __init__(self, args, strategy=None, model=None, stop=None, on_step=None, out=print):
+        import tensorflow as tf
+
+        self.args, self.out = args, out
+        self.level = args["level"]
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = is_chief()
+        self.stop = stop or StopRequest()
+        self.on_step = on_step
+
+        import losses
+        import vgg as vgg_module
+
+        # cheap checks first: the VGG file, the checkpoint to start from, the data
+        needs_vgg = losses.uses_content(self.level)
+        if needs_vgg and not os.path.isfile(args["vgg_dir"]):
+            raise UserError(vgg_module.missing_file_message(args["vgg_dir"]))
+        self.start = find_start(args, log=out)
+        replicas = self.strategy.num_replicas_in_sync
+        if micro_batch(args) % replicas:
+            raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {replicas} "
+                             f"replicas of the strategy")
+        self.test_ds, self.test_log, self.test_indices = test_data(args)
+        self.train_ds, self.train_log = train_data(args, start_step=self.start.iteration + 1)
+
+        import model as pynet
+
+        with self.strategy.scope():
+            self.vgg = vgg_module.load_vgg(args["vgg_dir"]) if needs_vgg else None
+            self.model = model if model is not None else pynet.PyNET(instance_norm=True, instance_norm_level_1=False)
+            self.view = pynet.level_model(self.model, self.level)
+            self.optimizer = build_optimizer(args)
+            base_optimizer(self.optimizer).build(self.view.trainable_variables)
+            if args["mixed_precision"]:
+                self.optimizer.build(self.view.trainable_variables)
+            self.counters = {"iteration": tf.Variable(-1, dtype=tf.int64, trainable=False),
+                             "loss_sum": tf.Variable(0.0, dtype=tf.float64, trainable=False),
+                             "loss_count": tf.Variable(0, dtype=tf.int64, trainable=False)}
+        self.steps = Steps(self.strategy, self.view, self.optimizer, self.level, self.vgg, args["batch_size"],
+                           args["accum_steps"], args["mixed_precision"])
+        self.restore_start()
+
+    def restore_start(self):
+        import model as pynet
+
+        start = self.start
+        if start.kind in ("handover", "resume"):
+            pynet.load_checkpoint(self.model, start.prefix)
+        if start.kind == "resume":
+            restore_state(self.optimizer, self.counters, start.prefix)
+            base_optimizer(self.optimizer).learning_rate = self.args["learning_rate"]
+            if int(self.counters["iteration"].numpy()) != start.iteration:
+                raise UserError(f"{state_prefix(start.prefix)}: holds iteration "
+                                f"{int(self.counters['iteration'].numpy())}, expected {start.iteration}")
+        what = {"scratch": "from scratch", "handover": f"from {start.prefix}",
+                "resume": f"resuming after iteration {start.iteration} ({start.prefix})"}[start.kind]
+        self.out(f"level {self.level}: {what}")
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, test_ds, test_log):
+        sums, count = {}, 0
+        for raw, target in test_ds:
+            values = self.steps.evaluate(raw, target)
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+        if test_log is not None and test_log.first is not None and not test_log.skip_bad:
+            import load_dataset
+
+            raise load_dataset.DataError(test_log.first)
+        if count == 0:
+            raise UserError("the evaluation found no complete test batch")
+        return {key: value / count for key, value in sums.items()}
+
+    def save_visuals(self, i, crops, writer):
+        raw, targets = crops
+        predictions = self.steps.predict(raw).numpy()
+        images = visual_images(predictions, targets, self.args["visual_stretch"])
+        for idx, image in enumerate(images):
+            write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
+                       image)
+        if writer is not None:
+            writer.images("visual/prediction_target", visual_images(predictions, targets, False), i)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self):
+        """Train; returns the path of the last checkpoint written."""
+        import tensorflow as tf
+
+        args, level = self.args, self.level
+        models_dir = args["models_dir"]
+        last_iter = args["num_train_iters"]
+        first = int(self.counters["iteration"].numpy()) + 1  # 0, or the step after the resumed one
+        if self.chief:
+            os.makedirs(models_dir, exist_ok=True)
+            os.makedirs(args["results_dir"], exist_ok=True)
+            # The reference truncates logs.txt at the start of every run; resuming appends.
+            with open(os.path.join(models_dir, "logs.txt"), "a" if self.start.kind == "resume" else "w"):
+                pass
+        if first > last_iter:
+            self.out(f"level {level} already has {first} of {last_iter + 1} steps: nothing to do")
+            return self.start.prefix
+
+        train_ds, train_log, test_ds, test_log = self.train_ds, self.train_log, self.test_ds, self.test_log
+        crops = visual_crops(args, self.test_indices)
+        if self.strategy.num_replicas_in_sync > 1 or tf_config_tasks() > 1:
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+            dist = self.strategy.experimental_distribute_dataset(train_ds.with_options(options))
+        else:
+            dist = train_ds
+        iterator = iter(dist)
+        writer = None
+        if args["tensorboard"] and self.chief:
+            writer = Summaries(os.path.join(models_dir, "tensorboard", f"level_{level}"))
+
+        restore_handlers = self.stop.install()
+        bar = None
+        last_saved = self.start.prefix if self.start.kind == "resume" else None
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=last_iter + 1, initial=first, unit="it", desc=f"level {level}", file=sys.stderr,
+                       disable=not args["progress"], dynamic_ncols=True)
+            wait_total, step_total = 0.0, 0.0
+            for i in range(first, last_iter + 1):
+                t0 = time.perf_counter()
+                loss, waited = self.steps.train_step(lambda: next_batch(iterator, train_log))
+                step_total += time.perf_counter() - t0
+                wait_total += waited
+                if not np.isfinite(loss):
+                    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                    raise UserError(f"the training loss became {loss} at iteration {i} of level {level}: stopping "
+                                    f"without saving ({where}); try a lower learning_rate")
+                self.counters["iteration"].assign(i)
+                self.counters["loss_sum"].assign_add(loss)
+                self.counters["loss_count"].assign_add(1)
+                if writer is not None:
+                    writer.scalar("train/loss", loss, i)
+                count = int(self.counters["loss_count"].numpy())
+                bar.set_postfix(loss=f"{float(self.counters['loss_sum'].numpy()) / count:.4g}",
+                                input_wait=f"{100 * wait_total / max(step_total, 1e-9):.0f}%", refresh=False)
+                bar.update(1)
+                if self.on_step is not None:
+                    self.on_step(i, loss)
+                if i % args["eval_step"] == 0 or i == last_iter:
+                    last_saved = self.checkpoint(i, test_ds, test_log, crops, writer, bar)
+                elif self.stop.reason is not None:
+                    last_saved = self.save(i)
+                if self.stop.reason is not None and i < last_iter:
+                    raise TrainingStopped(f"stopped by {self.stop.reason} after iteration {i} of level {level}; "
+                                          f"saved {last_saved}: continue with resume=true")
+        finally:
+            if bar is not None:
+                bar.close()
+            restore_handlers()
+            if writer is not None:
+                writer.close()
+        return last_saved
+
+    def checkpoint(self, i, test_ds, test_log, crops, writer, bar):
+        """Evaluate, log, save the visual results and the checkpoint (the reference's eval block)."""
+        metrics = self.evaluate(test_ds, test_log)
+        count = int(self.counters["loss_count"].numpy())
+        training = float(self.counters["loss_sum"].numpy()) / max(count, 1)
+        line = format_log(i, training, metrics)
+        bar.write(line) if bar is not None and not bar.disable else self.out(line)
+        self.counters["loss_sum"].assign(0.0)
+        self.counters["loss_count"].assign(0)
+        if not self.chief:
+            return None
+        with open(os.path.join(self.args["models_dir"], "logs.txt"), "a") as handle:
+            handle.write(line + "\n")
+        if writer is not None:
+            writer.scalar("train/loss_since_last_eval", training, i)
+            for key in ("loss", "content", "mse", "psnr", "ms_ssim"):
+                if key in metrics:
+                    writer.scalar(f"test/{key}", metrics[key], i)
+            writer.flush()
+        self.save_visuals(i, crops, writer)
+        return self.save(i)
+
+    def save(self, i):
+        prefix = utils.checkpoint_prefix(self.args["models_dir"], self.level, i)
+        if self.chief:
+            save_training_checkpoint(self.model, self.optimizer, self.counters, prefix)
+        return prefix
+
+
+# ---------------------------------------------------------------------------------------
+
+def main(argv):
+    args = parse_arguments(argv)
+    print("parameters:")
+    utils.print_args({a.name: args[a.name] for a in SPEC})
+    import load_dataset
+
+    print(load_dataset.describe_dataset(args["dataset_dir"]))
+    strategy = make_strategy(args["strategy"], args["devices"])
+    configure(args)
+    print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
+    Trainer(args, strategy).run()
+
+
+if __name__ == "__main__":
+    sys.exit(utils.run(main))
