@@ -135,16 +135,19 @@ def content_loss(vgg, enhanced, target):
 # ---------------------------------------------------------------------------------------
 # the loss of each level
 
-def level_loss_per_image(level: int, enhanced, target, vgg=None):
+def level_loss_per_image(level: int, enhanced, target, vgg=None, use_content=True):
     """Loss of each image and its parts, all of shape [B]:
 
     levels 5, 4: 100 * MSE; levels 3, 2: 100 * MSE + content; level 1: 50 * MSE + content;
     level 0: 20 * MSE + content + 20 * (1 - SSIM).
 
     Returns ``(total, parts)``; ``parts`` has "mse", and "content" / "ssim" where the level's
-    loss uses them.  ``vgg`` is needed for levels 3 to 0.
+    loss uses them.  ``vgg`` is needed for levels 3 to 0, unless ``use_content=False`` drops the
+    content term (train_model.py vgg_dir=none, when the VGG-19 file is not available).
     """
     w_mse, w_content, w_ssim = LEVEL_WEIGHTS[level]
+    if not use_content:
+        w_content = 0.0
     parts = {"mse": mse_per_image(enhanced, target)}
     total = w_mse * parts["mse"]
     if w_content:
@@ -158,8 +161,8 @@ def level_loss_per_image(level: int, enhanced, target, vgg=None):
     return total, parts
 
 
-def level_loss(level: int, enhanced, target, vgg=None):
+def level_loss(level: int, enhanced, target, vgg=None, use_content=True):
     """The reference's ``loss_generator`` of the level (a batch mean) and its parts
     (batch means: "mse", "content", "ssim" as the level uses them)."""
-    total, parts = level_loss_per_image(level, enhanced, target, vgg)
+    total, parts = level_loss_per_image(level, enhanced, target, vgg, use_content)
     return tf.reduce_mean(total), {name: tf.reduce_mean(value) for name, value in parts.items()}

@@ -64,7 +64,8 @@ SPEC = [
         check=utils.non_negative),
     utils.dataset_dir_arg(),
     Arg("vgg_dir", str, "vgg_pretrained/imagenet-vgg-verydeep-19.mat",
-        "VGG-19 weights for the content loss of levels 3..0 (MatConvNet .mat, or Keras' VGG19 .h5)"),
+        "VGG-19 weights for the content loss of levels 3..0 (MatConvNet .mat, or Keras' VGG19 .h5); "
+        "none = train without the content loss (not the reference's loss; a warning says so)"),
     Arg("eval_step", int, 1000, "evaluate, log and save a checkpoint every this many iterations",
         check=utils.positive),
     # additions
@@ -379,7 +380,7 @@ class Steps:
         def loss_and_grads(raw, target):
             with tf.GradientTape() as tape:
                 enhanced = view(raw, training=True)
-                per_image, _ = losses.level_loss_per_image(level, enhanced, target, vgg)
+                per_image, _ = losses.level_loss_per_image(level, enhanced, target, vgg, vgg is not None)
                 loss = tf.reduce_sum(per_image) / self.global_batch
                 scaled = optimizer.scale_loss(loss) if self.mixed else loss
             return loss, tape.gradient(scaled, self.trainable)
@@ -417,7 +418,7 @@ class Steps:
         @tf.function
         def evaluate(raw, target):
             enhanced = tf.cast(view(raw, training=False), tf.float32)
-            total, parts = losses.level_loss(level, enhanced, target, vgg)
+            total, parts = losses.level_loss(level, enhanced, target, vgg, vgg is not None)
             out = {"loss": total, "mse": parts["mse"], "psnr": losses.psnr_from_mse(parts["mse"])}
             if vgg is not None:
                 out["content"] = parts["content"] if "content" in parts else losses.content_loss(vgg, enhanced, target)
@@ -608,6 +609,10 @@ class StopRequest:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
+NO_VGG_WARNING = ("WARNING: vgg_dir=none: level {level} trains WITHOUT the VGG-19 content loss that the "
+                  "reference uses at levels 3 to 0; results will differ from the paper's")
+
+
 # ---------------------------------------------------------------------------------------
 # the trainer
 
@@ -633,6 +638,9 @@ class Trainer:
 
         # cheap checks first: the VGG file, the checkpoint to start from, the data
         needs_vgg = losses.uses_content(self.level)
+        if needs_vgg and args["vgg_dir"].lower() == "none":
+            out(NO_VGG_WARNING.format(level=self.level))
+            needs_vgg = False
         if needs_vgg and not os.path.isfile(args["vgg_dir"]):
             raise UserError(vgg_module.missing_file_message(args["vgg_dir"]))
         self.start = find_start(args, log=out)

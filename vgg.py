@@ -55,7 +55,8 @@ KERAS_CONV_LAYERS = tuple(f"block{b}_conv{c}" for b, n in ((1, 2), (2, 2), (3, 4
 
 def missing_file_message(path: str) -> str:
     return (f"{path}: VGG-19 weights not found; levels 3, 2, 1 and 0 need them for the content loss. "
-            f"Download imagenet-vgg-verydeep-19.mat ({VGG_URL}) and put it there, or pass vgg_dir=PATH")
+            f"Download imagenet-vgg-verydeep-19.mat ({VGG_URL}) and put it there, pass vgg_dir=PATH, "
+            f"or vgg_dir=none to train without the content loss")
 
 
 # ---------------------------------------------------------------------------------------

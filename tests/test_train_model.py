@@ -197,6 +197,21 @@ def test_level3_has_the_content_term(model, sample_dataset, tmp_path, fake_vgg):
     assert float(line.group(3)) == pytest.approx(100 * mse + content, rel=1e-3)
 
 
+def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_dataset, tmp_path):
+    import model as pynet
+
+    pynet.save_checkpoint(model, utils.checkpoint_prefix(str(tmp_path / "models"), 4, 7))
+    args = make_args(sample_dataset, tmp_path, level=3, num_train_iters=0, vgg_dir="none")
+    printed = []
+    trainer = train_model.Trainer(args, model=model, out=printed.append)
+    trainer.run()
+    assert any(str(p).startswith("WARNING: vgg_dir=none: level 3 trains WITHOUT the VGG-19 content loss")
+               for p in printed)
+    (line,) = log_lines(tmp_path / "models")
+    assert line.group(4) == "n/a"
+    assert float(line.group(3)) == pytest.approx(100 * float(line.group(5)), rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------
 # resume, interruption, NaN
 
