@@ -1,10 +1,16 @@
 """Render full-resolution RAW mosaics into RGB photos with a trained PyNET.
 
-    python test_model.py level=0 orig=true       # the authors' released weights
+    python test_model.py level=0 orig=true                      # the authors' released weights
     python test_model.py level=1 restore_iter=35000
+    python test_model.py orig=true input=shot.png output_dir=out/
+    python test_model.py orig=true input=a.png,b.png crop=reference
 
-Reads every PNG mosaic in {dataset_dir}/test/huawei_full_resolution/ and writes
-results/full-resolution/{name}_level_{L}_iteration_{I}.png.
+Reads every PNG mosaic in {dataset_dir}/test/huawei_full_resolution/ (or the files and
+folders of input=) and writes {output_dir}/{name}_level_{L}_iteration_{I}.png.
+
+Any mosaic size works. Memory stays bounded: the instance-normalised levels 2 to 5 run on
+the whole frame, levels 1 and 0 (no instance norm) in strips of tile_size packed rows, with
+the same result as the whole frame at once (model.render_in_strips).
 """
 
 import os
@@ -16,6 +22,25 @@ import utils
 from utils import Arg, UserError
 
 ORIGINAL_CHECKPOINT = "models/original/pynet_level_0.ckpt"
+FULL_RES_FOLDER = os.path.join("test", "huawei_full_resolution")
+# The reference's fixed input: the top-left 1472 x 1984 packed pixels (2944 x 3968 mosaic).
+REFERENCE_CROP = (1472, 1984)
+# Automatic strip height: this many packed pixels per strip (rows = STRIP_PIXELS // width).
+# The head holds ~18 KB per packed pixel of a strip while it runs (2,300 maps of level 1
+# in flight), so 64K pixels cost ~1.2 GB... see README "Inference" for the measurements.
+STRIP_PIXELS = 48 * 1024
+MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
+
+
+def _default_input(values):
+    """{dataset_dir}/test/huawei_full_resolution/"""
+    return os.path.join(values["dataset_dir"], FULL_RES_FOLDER, "")
+
+
+def _default_output_dir(values):
+    """results_dir"""
+    return values["results_dir"]
+
 
 ARGS = [
     utils.level_arg(),
@@ -27,7 +52,14 @@ ARGS = [
         "min-max stretch each picture as the reference did, instead of clipping to [0, 1]"),
     Arg("bits", int, 8, "bits per channel of the output PNG", choices=(8, 16)),
     Arg("models_dir", str, "models/", "folder of the trained checkpoints"),
-    Arg("results_dir", str, "results/full-resolution/", "where the pictures go"),
+    Arg("results_dir", str, "results/full-resolution/", "where the pictures go (the reference's name of output_dir)"),
+    Arg("input", str, _default_input, "a PNG mosaic, several separated by commas, or a folder of them"),
+    Arg("output_dir", str, _default_output_dir, "where the pictures go"),
+    Arg("tile_size", utils.OPTIONAL_INT, None,
+        "packed rows per strip of levels 1 and 0 (memory grows with it); 0 = the whole frame at once "
+        "(the reference; most memory); none = automatic", check=utils.non_negative),
+    Arg("crop", str, "none", "reference = the reference's top-left 1472x1984 packed crop (2944x3968 mosaic); "
+        "none = the whole mosaic", choices=("none", "reference")),
 ]
 
 
@@ -54,12 +86,32 @@ def resolve_checkpoint(params) -> tuple:
 
 
 def list_mosaics(folder: str) -> list:
+    """The PNG files of ``folder``, sorted by name."""
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: folder not found (expected the full-resolution PNG mosaics there)")
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
     if not files:
         raise UserError(f"{folder}: no PNG mosaics found")
     return [os.path.join(folder, f) for f in files]
+
+
+def list_inputs(spec: str) -> list:
+    """The mosaics named by ``input=``: a file, a folder (its PNGs), or several of either
+    separated by commas; in that order, without duplicates."""
+    paths = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if os.path.isdir(item) or item.endswith(("/", os.sep)):
+            found = list_mosaics(item)
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            raise UserError(f"{item}: no such file or folder")
+        paths.extend(p for p in found if p not in paths)
+    if not paths:
+        raise UserError(f"input={spec}: no mosaics given")
+    return paths
 
 
 def load_model(level: int, prefix: str):
@@ -70,16 +122,64 @@ def load_model(level: int, prefix: str):
     return model
 
 
-def render(model, mosaic, level: int):
-    """Run ``model`` (built for ``level``) on a 2-D Bayer mosaic of any size: the packed input
-    is padded to a multiple of 16 and the output cropped back. Returns float32 HxWx3, unclipped."""
+def pack(mosaic, crop: str = "none"):
+    """The network's input for a 2-D Bayer mosaic (load_dataset.extract_bayer_channels), with
+    the reference's top-left crop for ``crop="reference"``."""
     from load_dataset import extract_bayer_channels
-    from model import as_list, pad_to_multiple
 
-    packed, (height, width) = pad_to_multiple(extract_bayer_channels(mosaic))
-    output = as_list(model.predict_on_batch(packed[None]))[0]
+    packed = extract_bayer_channels(mosaic)
+    if crop == "reference":
+        height, width = REFERENCE_CROP
+        if packed.shape[0] < height or packed.shape[1] < width:
+            raise UserError(f"crop=reference needs a mosaic of at least {2 * height}x{2 * width}, "
+                            f"this one is {mosaic.shape[0]}x{mosaic.shape[1]} (use crop=none)")
+        packed = packed[:height, :width]
+    return packed
+
+
+def auto_tile_size(width: int) -> int:
+    """Strip height (packed rows) for a packed frame ``width`` pixels wide: about
+    STRIP_PIXELS packed pixels per strip, so memory does not grow with the frame."""
+    return int(min(MAX_STRIP_ROWS, max(MIN_STRIP_ROWS, STRIP_PIXELS // max(1, width))))
+
+
+_VIEWS = {}
+
+
+def whole_frame_model(model, level: int):
+    """``model`` itself when its first output is ``level``'s, else a view computing only that
+    output (kept, so that its compiled function is reused for the next photo)."""
+    import keras
+
+    from model import level_output
+
+    output = level_output(model, level)
+    if output is model.outputs[0]:
+        return model
+    key = (id(model), level)
+    if key not in _VIEWS or _VIEWS[key][0] is not model:
+        _VIEWS[key] = (model, keras.Model(model.inputs, output, name=f"{model.name}_level_{level}"))
+    return _VIEWS[key][1]
+
+
+def render(model, mosaic, level: int, tile_size=None, crop: str = "none", progress=None):
+    """Run ``model`` (built for ``level``) on a 2-D Bayer mosaic of any size. The packed input
+    is padded to a multiple of 16 (mirrored) and the output cropped back. ``tile_size``:
+    packed rows per strip (None = automatic, 0 = the whole frame at once). ``progress(n)``
+    is told of each n output rows done. Returns float32 H x W x 3, unclipped."""
+    from model import as_list, pad_to_multiple, render_in_strips
+
+    padded, (height, width) = pad_to_multiple(pack(mosaic, crop))
     scale = 2.0 / 2 ** level
-    return np.asarray(output[0, : int(height * scale), : int(width * scale)], dtype=np.float32)
+    out_height, out_width = int(height * scale), int(width * scale)
+    if tile_size == 0:
+        output = as_list(whole_frame_model(model, level).predict_on_batch(padded[None]))[0][0]
+        if progress is not None:
+            progress(out_height)
+    else:
+        rows = auto_tile_size(padded.shape[1]) if tile_size is None else tile_size
+        output = render_in_strips(model, level, padded, rows, out_height=out_height, progress=progress)
+    return np.asarray(output[:out_height, :out_width], dtype=np.float32)
 
 
 def output_path(results_dir: str, mosaic_path: str, level: int, iteration: str) -> str:
@@ -87,17 +187,41 @@ def output_path(results_dir: str, mosaic_path: str, level: int, iteration: str) 
     return os.path.join(results_dir, f"{name}_level_{level}_iteration_{iteration}.png")
 
 
+def output_rows(mosaic_shape, level: int, crop: str = "none") -> int:
+    """Rows of the rendered picture of a mosaic of ``mosaic_shape``."""
+    packed_height = REFERENCE_CROP[0] if crop == "reference" else mosaic_shape[0] // 2
+    return int(packed_height * 2.0 / 2 ** level)
+
+
+def render_files(model, files, params, iteration) -> list:
+    """Render and write every mosaic of ``files`` with progress bars (on a terminal);
+    returns the written paths."""
+    from tqdm import tqdm
+
+    written = []
+    with tqdm(total=len(files), desc="photos", unit="photo", disable=None) as bar:
+        for path in files:
+            mosaic = utils.read_mosaic(path)
+            total = output_rows(mosaic.shape, params["level"], params["crop"])
+            with tqdm(total=total, desc=os.path.basename(path), unit="row", leave=False, disable=None) as rows:
+                image = render(model, mosaic, params["level"], params["tile_size"], params["crop"], rows.update)
+            target = output_path(params["output_dir"], path, params["level"], iteration)
+            utils.write_png(target, utils.to_uint(image, params["bits"], params["stretch"]))
+            written.append(target)
+            bar.write(f"{path} -> {target}")
+            bar.update(1)
+    return written
+
+
 def main(argv):
     params = utils.parse_args(argv, ARGS, "test_model.py", __doc__.strip().splitlines()[0])
-    files = list_mosaics(os.path.join(params["dataset_dir"], "test", "huawei_full_resolution"))
+    files = list_inputs(params["input"])
     prefix, iteration = resolve_checkpoint(params)
+    if not os.path.exists(prefix + ".index"):
+        raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")
     configure_devices(params["use_gpu"])
     model = load_model(params["level"], prefix)
-    for path in files:
-        image = render(model, utils.read_mosaic(path), params["level"])
-        target = output_path(params["results_dir"], path, params["level"], iteration)
-        utils.write_png(target, utils.to_uint(image, params["bits"], params["stretch"]))
-        print(f"{path} -> {target}")
+    render_files(model, files, params, iteration)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+# TensorFlow's C++ start-up notes (CPU features, absl) drown the scripts' own output; errors still show.
+# Every script imports this module before TensorFlow, so the default takes effect; a user's value wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 LEVELS = (0, 1, 2, 3, 4, 5)
 
 # Reference defaults, indexed by level (§3.1 of the reference notes).

@@ -46,3 +46,18 @@ def write_tf1_checkpoint(prefix, arrays):
             session.run(tf.compat.v1.global_variables_initializer())
             saver.save(session, prefix, write_meta_graph=False, write_state=False)
     return prefix
+
+
+# ---------------------------------------------------------------------------------------
+# data fixtures (owner: data helper): small datasets in the ZRR layout, written to tmp dirs
+
+@pytest.fixture(scope="session")
+def sample_dataset(tmp_path_factory):
+    """A tiny synthetic dataset made by make_sample_dataset.py (8 train, 3 test, 1 full-res 64x96).
+    Read-only: tests that change files must make their own."""
+    import make_sample_dataset
+
+    root = str(tmp_path_factory.mktemp("sample") / "raw_images")
+    make_sample_dataset.build(root, train=8, test=3, full=1, full_height=64, full_width=96, seed=1,
+                              progress=False)
+    return root

@@ -1,4 +1,4 @@
-"""test_model.py: rendering full-resolution mosaics."""
+"""test_model.py and model.render_in_strips: rendering mosaics of any size in strips."""
 
 import os
 import subprocess
@@ -11,9 +11,163 @@ from PIL import Image
 import test_model
 from conftest import ROOT
 from load_dataset import extract_bayer_channels
-from model import level_model, save_checkpoint
+from model import PyNET, level_model, load_checkpoint, pad_to_multiple, render_in_strips, save_checkpoint
 from utils import UserError
 
+
+def assign_sane_weights(model, rng):
+    """Random weights scaled by fan-in, so activations stay of order 1 through the 150 layers:
+    float32 rounding then stays near 1e-6 and a real difference between two ways of computing
+    the same output shows. (The reference's 0.01 init gives a nearly constant output.)"""
+    for var in model.weights:
+        shape = var.shape
+        if len(shape) == 4:
+            is_up = var.path.split("/")[0].startswith(("conv_t", "conv_l0")) and not var.path.startswith("conv_l0_out")
+            fan_in = 9 * shape[3] / 4 if is_up else shape[0] * shape[1] * shape[2]
+            value = rng.normal(0, 1 / np.sqrt(fan_in), shape)
+        elif var.path.endswith("scale"):
+            value = rng.normal(1.0, 0.2, shape)
+        else:
+            value = rng.normal(0, 0.2, shape)
+        var.assign(value.astype(np.float32))
+
+
+@pytest.fixture
+def sane_model(full_model):
+    saved = [v.numpy() for v in full_model.weights]
+    assign_sane_weights(full_model, np.random.default_rng(10))
+    yield full_model
+    for var, value in zip(full_model.weights, saved):
+        var.assign(value)
+
+
+def mosaic(rng, height, width):
+    return rng.integers(0, 1024, (height, width)).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------------------
+# strips against the whole frame
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_strips_equal_the_whole_frame(sane_model, level):
+    rng = np.random.default_rng(level)
+    raw = mosaic(rng, 96, 128)                      # packs to 48 x 64: three strips of 16 rows
+    whole = test_model.render(sane_model, raw, level, tile_size=0)
+    eager = sane_model(extract_bayer_channels(raw)[None])[level][0].numpy()
+    np.testing.assert_allclose(whole, eager, atol=1e-5)
+    for rows in (16, 32):
+        strips = test_model.render(sane_model, raw, level, tile_size=rows)
+        np.testing.assert_allclose(strips, whole, atol=1e-4)
+
+    # the comparison has teeth: strips run as independent frames (zero padding at every
+    # strip edge, instance norm per strip) are far off
+    packed = extract_bayer_channels(raw)
+    naive = np.concatenate([sane_model(packed[None, r:r + 16])[level][0].numpy() for r in range(0, 48, 16)])
+    assert np.abs(naive - whole).max() > 0.05
+
+
+def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model):
+    """With min_strip_pixels=0 the whole-frame maps of levels 2 to 5 are computed in several
+    strips too, their statistics gathered over all of them."""
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(5), 96, 128))
+    expected = sane_model(packed[None])
+    for level in (0, 2, 4):
+        got = render_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
+        np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
+
+
+def test_any_size_renders_and_is_cropped_back(sane_model):
+    rng = np.random.default_rng(6)
+    raw = mosaic(rng, 70, 98)                       # packs to 35 x 49, padded to 48 x 64
+    strips = test_model.render(sane_model, raw, 0, tile_size=16)
+    assert strips.shape == (70, 98, 3)
+    np.testing.assert_allclose(strips, test_model.render(sane_model, raw, 0, tile_size=0), atol=1e-4)
+    padded, _ = pad_to_multiple(extract_bayer_channels(raw))
+    np.testing.assert_allclose(strips, sane_model(padded[None])[0][0, :70, :98].numpy(), atol=1e-4)
+    # a single-output view of one level renders too (level 3: 1/8 of the mosaic, rounded down)
+    view = level_model(sane_model, 3)
+    assert test_model.render(view, raw, 3, tile_size=8).shape == (8, 12, 3)
+
+
+def test_render_pads_then_crops_without_changing_aligned_frames(full_model):
+    rng = np.random.default_rng(1)
+    raw = mosaic(rng, 64, 96)
+    direct = full_model(extract_bayer_channels(raw)[None])
+    for level in (0, 3):
+        for tile_size in (0, None):
+            rendered = test_model.render(level_model(full_model, level), raw, level, tile_size)
+            np.testing.assert_allclose(rendered, direct[level][0].numpy(), atol=1e-6)
+    odd = test_model.render(full_model, mosaic(rng, 70, 98), 0)
+    assert odd.shape == (70, 98, 3)
+
+
+def test_progress_counts_every_output_row(sane_model):
+    counts = []
+    test_model.render(sane_model, mosaic(np.random.default_rng(7), 70, 98), 0, tile_size=16, progress=counts.append)
+    assert sum(counts) == 70 and len(counts) == 3      # strips of 32 output rows: 32, 32, 6
+
+
+def test_strips_refuse_what_they_cannot_run(full_model):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        render_in_strips(full_model, 0, np.zeros((40, 64, 4), np.float32), 16)
+    with pytest.raises(ValueError, match="no output for level 1"):
+        render_in_strips(level_model(full_model, 0), 1, np.zeros((32, 32, 4), np.float32), 16)
+
+
+def test_level_1_with_instance_norm_still_equals_the_whole_frame():
+    """instance_norm_level_1=True (the PyTorch port's choice) puts instance norm in level 1:
+    those maps are then held whole (exact statistics) instead of streamed, still exact."""
+    model = PyNET(instance_norm_level_1=True, level=1)
+    assign_sane_weights(model, np.random.default_rng(8))
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(9), 64, 64))
+    got = render_in_strips(model, 1, packed, 16)
+    np.testing.assert_allclose(got, model(packed[None])[0][0].numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
+# inputs, crops and sizes
+
+def test_reference_crop_is_the_top_left_1472x1984_packed_pixels():
+    raw = np.random.default_rng(2).integers(0, 1024, (2976, 3968)).astype(np.uint16)
+    packed = test_model.pack(raw, "reference")
+    assert packed.shape == (1472, 1984, 4)
+    np.testing.assert_array_equal(packed[..., 2], raw[0:2944:2, 0:3968:2] / np.float32(1020))  # R
+    np.testing.assert_array_equal(test_model.pack(raw[:100, :100]), extract_bayer_channels(raw[:100, :100]))
+    with pytest.raises(UserError, match="crop=reference needs a mosaic of at least 2944x3968"):
+        test_model.pack(raw[:2942], "reference")
+    assert test_model.output_rows((2976, 3968), 0, "reference") == 2944
+    assert test_model.output_rows((2976, 3968), 0) == 2976
+    assert test_model.output_rows((70, 98), 3) == 8
+
+
+def test_inputs_are_files_folders_or_lists_of_them(tmp_path):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for name in ("b.png", "a.PNG", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    single = tmp_path / "one.png"
+    single.write_bytes(b"")
+    assert test_model.list_inputs(str(single)) == [str(single)]
+    assert test_model.list_inputs(f"{single},{folder}") == [str(single), str(folder / "a.PNG"), str(folder / "b.png")]
+    assert test_model.list_inputs(f"{folder}, {folder / 'b.png'}") == [str(folder / "a.PNG"), str(folder / "b.png")]
+    with pytest.raises(UserError, match="missing.png: no such file or folder"):
+        test_model.list_inputs(f"{single},{tmp_path / 'missing.png'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no PNG mosaics found"):
+        test_model.list_inputs(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="folder not found"):
+        test_model.list_inputs(str(tmp_path / "absent") + "/")
+
+
+def test_automatic_strips_bound_the_pixels_per_strip():
+    assert test_model.auto_tile_size(1984) * 1984 <= test_model.STRIP_PIXELS
+    assert test_model.auto_tile_size(1984) >= test_model.MIN_STRIP_ROWS
+    assert test_model.auto_tile_size(16) == test_model.MAX_STRIP_ROWS
+    assert test_model.auto_tile_size(100000) == test_model.MIN_STRIP_ROWS
+
+
+# ---------------------------------------------------------------------------------------
+# the script
 
 @pytest.fixture(scope="module")
 def fabricated_release(full_model, tmp_path_factory):
@@ -22,8 +176,7 @@ def fabricated_release(full_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     rng = np.random.default_rng(0)
     saved = [v.numpy() for v in full_model.weights]
-    for var in full_model.weights:
-        var.assign(rng.normal(0, 0.05, var.shape).astype(np.float32))
+    assign_sane_weights(full_model, rng)
     save_checkpoint(full_model, str(root / "models" / "original" / "pynet_level_0.ckpt"))
     for var, value in zip(full_model.weights, saved):
         var.assign(value)
@@ -40,26 +193,44 @@ def run_script(cwd, *args):
                           capture_output=True, text=True, timeout=600)
 
 
+def read_png16(path):
+    import png
+
+    width, height, rows, info = png.Reader(filename=str(path)).read()
+    return np.array([list(r) for r in rows], np.uint16).reshape(height, width, info["planes"]), info
+
+
 def test_renders_released_weights_end_to_end(fabricated_release):
     result = run_script(fabricated_release, "level=0", "orig=true", "bits=16", "use_gpu=false")
     assert result.returncode == 0, result.stderr
     out = fabricated_release / "results" / "full-resolution"
-    import png
-    width, height, _, info = png.Reader(filename=str(out / "odd_level_0_iteration_None.png")).read()
-    assert (height, width, info["bitdepth"], info["planes"]) == (100, 150, 16, 3)
-    with Image.open(out / "eight_bit_level_0_iteration_None.png") as image:
-        assert image.size == (64, 64)
+    image, info = read_png16(out / "odd_level_0_iteration_None.png")
+    assert image.shape == (100, 150, 3) and info["bitdepth"] == 16
+    with Image.open(out / "eight_bit_level_0_iteration_None.png") as picture:
+        assert picture.size == (64, 64)
 
 
-def test_render_pads_then_crops_without_changing_aligned_frames(full_model):
-    rng = np.random.default_rng(1)
-    mosaic = rng.integers(0, 1024, (64, 96)).astype(np.uint16)
-    direct = full_model(extract_bayer_channels(mosaic)[None])
-    for level in (0, 3):
-        rendered = test_model.render(level_model(full_model, level), mosaic, level)
-        np.testing.assert_allclose(rendered, direct[level][0].numpy(), atol=1e-6)
-    odd = test_model.render(full_model, rng.integers(0, 1024, (70, 98)).astype(np.uint16), 0)
-    assert odd.shape == (70, 98, 3)
+def test_input_files_and_folders_to_an_output_folder(fabricated_release, full_model, tmp_path):
+    folder = fabricated_release / "raw_images" / "test" / "huawei_full_resolution"
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.fromarray(np.random.default_rng(3).integers(0, 1024, (40, 72)).astype(np.uint16)).save(extra / "shot.png")
+    result = run_script(fabricated_release, "orig=true", f"input={folder / 'odd.png'},{extra}",
+                        f"output_dir={tmp_path / 'out'}", "tile_size=16", "bits=16")
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["odd_level_0_iteration_None.png", "shot_level_0_iteration_None.png"]
+    assert f"{extra / 'shot.png'} -> {tmp_path / 'out' / 'shot_level_0_iteration_None.png'}" in result.stdout
+    # the script's strips equal this process's whole-frame render of the same checkpoint
+    saved = [v.numpy() for v in full_model.weights]
+    try:
+        load_checkpoint(full_model, str(fabricated_release / "models" / "original" / "pynet_level_0.ckpt"))
+        for name, source in (("odd", folder / "odd.png"), ("shot", extra / "shot.png")):
+            expected = test_model.render(full_model, np.asarray(Image.open(source)), 0, tile_size=0)
+            got, _ = read_png16(tmp_path / "out" / f"{name}_level_0_iteration_None.png")
+            np.testing.assert_allclose(got / 65535.0, np.clip(expected, 0, 1), atol=1e-4 + 0.5 / 65535)
+    finally:
+        for var, value in zip(full_model.weights, saved):
+            var.assign(value)
 
 
 def test_missing_checkpoint_and_folder_are_one_line_errors(tmp_path):
@@ -74,9 +245,13 @@ def test_missing_checkpoint_and_folder_are_one_line_errors(tmp_path):
     assert result.returncode == 1 and "models/original/pynet_level_0.ckpt: no checkpoint there" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_script(tmp_path, "dataset_dir=elsewhere/")
-    assert result.returncode == 1 and "huawei_full_resolution: folder not found" in result.stderr
+    assert result.returncode == 1 and "huawei_full_resolution/: folder not found" in result.stderr
+    result = run_script(tmp_path, "orig=true", "input=nothing.png")
+    assert result.returncode == 1 and result.stderr.strip() == "error: nothing.png: no such file or folder"
     result = run_script(tmp_path, "bits=12")
     assert result.returncode == 2 and result.stderr.strip() == "error: bits=12: expected one of 8, 16"
+    result = run_script(tmp_path, "tile_size=-1")
+    assert result.returncode == 2 and "tile_size=-1" in result.stderr
 
 
 def test_output_names_follow_the_reference():

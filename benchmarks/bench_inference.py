@@ -1,0 +1,283 @@
+"""Inference speed and memory of PyNET on this machine (README "Inference").
+
+    python benchmarks/bench_inference.py                             # everything, ~25 min on 2 cores
+    python benchmarks/bench_inference.py parts=peak,patches settings=function,xla batch=2
+    python benchmarks/bench_inference.py parts=frame frame_rows=16,24,48
+
+Every measurement runs in a fresh Python process, so its peak RSS (getrusage ru_maxrss) is its
+own, and prints one line. The parts:
+
+* peak: the machine's convolution rate, from single large convolutions of PyNET's own shapes
+  (9x9 128->32 on 224x224, level 1's dominant layer; 3x3 512->512 on 56x56), best of
+  ``repeats``, plain and with XLA. Its best is "the peak" the network is compared with.
+* patches: a batch of 224x224 packed patches (448x448 mosaics) through the whole network to the
+  level-0 output, for each setting: seconds per batch (best and median of ``repeats`` after one
+  warm-up run), output megapixels per second, achieved MAC/s (model.conv_macs: 335.7 GMAC per
+  patch) and its share of the peak, and peak RSS.
+* frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed) rendered at level 0 as
+  test_model.py does, in strips (automatic height, or each of ``frame_rows``); with
+  ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
+
+The weights are random, scaled by fan-in (as the tests'), so activations keep realistic
+magnitudes; the released weights are not needed. Results are also written as JSON with ``json=``.
+"""
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import utils  # noqa: E402
+
+# setting -> (description, extra environment)
+SETTINGS = {
+    "keras": ("model.predict_on_batch (Keras' own tf.function; test_model.py tile_size=0)", {}),
+    "function": ("tf.function(model), TensorFlow's defaults", {}),
+    "xla": ("tf.function(model, jit_compile=True): XLA", {}),
+    "inter_op_1": ("tf.function, inter-op threads 1 (ops one at a time, 2 threads each)", {}),
+    "intra_op_1": ("tf.function, intra-op threads 1: one core, for the scaling", {}),
+    "onednn": ("tf.function with TF_ENABLE_ONEDNN_OPTS=1 (oneDNN kernels; off by default on AMD)",
+               {"TF_ENABLE_ONEDNN_OPTS": "1"}),
+    "eager": ("model(x) run eagerly (every intermediate kept until the end)", {}),
+}
+DEFAULT_SETTINGS = "keras,function,xla,inter_op_1,intra_op_1,onednn"
+PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
+FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
+
+
+def _names(text, known, what):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise utils.UsageError(f"{what}={text}: expected a comma-separated list of {', '.join(known)}")
+    return names
+
+
+def _rows(text):
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise utils.UsageError(f"frame_rows={text}: expected a comma-separated list of integers") from None
+
+
+SPEC = [
+    utils.Arg("parts", str, "peak,patches,frame", "what to measure: peak, patches, frame"),
+    utils.Arg("settings", str, DEFAULT_SETTINGS, f"settings for the patches ({', '.join(SETTINGS)})"),
+    utils.Arg("batch", int, 2, "patches per batch", check=utils.positive),
+    utils.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=utils.positive),
+    utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto or a list"),
+    utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
+    utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
+              check=utils.positive),
+    utils.Arg("json", str, "", "also write the results to this JSON file"),
+]
+
+
+# ---------------------------------------------------------------------------------------
+# the measurements, each run in its own process
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(function, repeats):
+    """(first call seconds, [timed seconds]) of ``function()``."""
+    start = time.perf_counter()
+    function()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return first, times
+
+
+def sane_model():
+    """The full PyNET with random weights scaled by fan-in (as tests/test_render.py's)."""
+    import numpy as np
+
+    from model import PyNET
+
+    model = PyNET()
+    rng = np.random.default_rng(0)
+    for var in model.weights:
+        shape = var.shape
+        if len(shape) == 4:
+            is_up = var.path.split("/")[0].startswith(("conv_t", "conv_l0")) and not var.path.startswith("conv_l0_out")
+            fan_in = 9 * shape[3] / 4 if is_up else shape[0] * shape[1] * shape[2]
+            var.assign(rng.normal(0, 1 / np.sqrt(fan_in), shape).astype(np.float32))
+        else:
+            var.assign(rng.normal(1.0 if var.path.endswith("scale") else 0.0, 0.2, shape).astype(np.float32))
+    return model
+
+
+def child_peak(args):
+    import tensorflow as tf
+
+    results = []
+    for size, cin, cout, side in PEAK_SHAPES:
+        x = tf.random.normal((1, side, side, cin))
+        w = tf.random.normal((size, size, cin, cout)) * 0.05
+        macs = size * size * cin * cout * side * side
+        for jit in (False, True):
+            conv = tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"), jit_compile=jit)
+            _, times = timed(lambda: conv(x, w).numpy(), args["repeats"])
+            results.append({"shape": f"{size}x{size} {cin}->{cout} on {side}x{side}", "xla": jit,
+                            "gmac": macs / 1e9, "best_s": min(times), "median_s": sorted(times)[len(times) // 2],
+                            "gmac_per_s": macs / min(times) / 1e9})
+    return results
+
+
+def child_patches(args):
+    import numpy as np
+    import tensorflow as tf
+
+    from model import conv_macs, level_model
+
+    setting = args["setting"]
+    if setting == "inter_op_1":
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    if setting == "intra_op_1":
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    model = sane_model()
+    view = level_model(model, 0)
+    batch = args["batch"]
+    x = tf.constant(np.random.default_rng(1).uniform(0, 1, (batch, 224, 224, 4)).astype(np.float32))
+    if setting == "keras":
+        run = lambda: np.asarray(view.predict_on_batch(x))  # noqa: E731
+    elif setting == "eager":
+        run = lambda: view(x).numpy()  # noqa: E731
+    else:
+        function = tf.function(lambda x: view(x), jit_compile=setting == "xla")
+        run = lambda: function(x).numpy()  # noqa: E731
+    first, times = timed(run, args["repeats"])
+    macs = conv_macs(model, 224, 224, level=0, batch=batch)
+    best = min(times)
+    return {"setting": setting, "batch": batch, "first_s": first, "best_s": best,
+            "median_s": sorted(times)[len(times) // 2], "mp_per_s": batch * 448 * 448 / best / 1e6,
+            "gmac_per_s": macs / best / 1e9, "peak_rss_mib": peak_rss_mib()}
+
+
+def child_frame(args):
+    import numpy as np
+
+    import test_model
+    from model import conv_macs
+
+    model = sane_model()
+    height, width = FRAME_PACKED
+    mosaic = np.random.default_rng(2).integers(0, 1024, (2 * height, 2 * width)).astype(np.uint16)
+    rows = args["rows"]
+    tile_size = None if rows == "auto" else int(rows)
+    start = time.perf_counter()
+    image = test_model.render(model, mosaic, 0, tile_size)
+    seconds = time.perf_counter() - start
+    macs = conv_macs(model, height, width, level=0)
+    return {"rows": test_model.auto_tile_size(width) if tile_size is None else tile_size, "seconds": seconds,
+            "mp_per_s": image.shape[0] * image.shape[1] / seconds / 1e6, "gmac_per_s": macs / seconds / 1e9,
+            "tmac": macs / 1e12, "peak_rss_mib": peak_rss_mib()}
+
+
+CHILDREN = {"peak": child_peak, "patches": child_patches, "frame": child_frame}
+
+
+def spawn(part, timeout, env=None, **args):
+    """Run one measurement in a fresh process; its result, or {"error": ...}."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps({"part": part, **args})]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        return {"error": f"abandoned after {timeout} s"}
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# the report
+
+def machine():
+    import tensorflow as tf
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
+            "load_average": os.getloadavg()}
+
+
+def main(argv):
+    args = utils.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
+    parts = _names(args["parts"], CHILDREN, "parts")
+    settings = _names(args["settings"], SETTINGS, "settings")
+    rows = ["auto"] if args["frame_rows"] == "auto" else _rows(args["frame_rows"])
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, TensorFlow {info['tensorflow']}, "
+          f"load average {info['load_average'][0]:.2f} at the start (other jobs make rates lower)")
+    results = {"machine": info}
+    peak = None
+    if "peak" in parts:
+        print("\nconvolution peak (one convolution, best of the runs):")
+        results["peak"] = spawn("peak", args["timeout"], repeats=args["repeats"])
+        for r in results["peak"] if isinstance(results["peak"], list) else []:
+            print(f"  {r['shape']:<26} {'XLA' if r['xla'] else 'plain':<5} {r['gmac']:6.2f} GMAC  "
+                  f"{r['best_s'] * 1e3:7.1f} ms  {r['gmac_per_s']:6.1f} GMAC/s ({2 * r['gmac_per_s']:.0f} GFLOP/s)")
+            peak = max(peak or 0.0, r["gmac_per_s"])
+        if isinstance(results["peak"], dict):
+            print(f"  error: {results['peak']['error']}")
+    if "patches" in parts:
+        print(f"\nwhole network, batch of {args['batch']} 224x224 packed patches -> 448x448 RGB (level 0):")
+        results["patches"] = []
+        for setting in settings:
+            description, env = SETTINGS[setting]
+            r = spawn("patches", args["timeout"], env, setting=setting, batch=args["batch"], repeats=args["repeats"])
+            r.setdefault("setting", setting)
+            results["patches"].append(r)
+            if "error" in r:
+                print(f"  {setting:<11} {r['error']}   ({description})")
+                continue
+            share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
+            print(f"  {setting:<11} {r['best_s']:7.2f} s/batch (median {r['median_s']:.2f}, first {r['first_s']:.1f})"
+                  f"  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s{share}  peak RSS "
+                  f"{r['peak_rss_mib'] / 1024:.2f} GiB   ({description})")
+    if "frame" in parts:
+        print(f"\n12 MP frame ({2 * FRAME_PACKED[0]}x{2 * FRAME_PACKED[1]} mosaic) -> RGB, level 0, test_model.render:")
+        results["frame"] = []
+        for r_rows in rows + ([0] if args["frame_whole"] else []):
+            r = spawn("frame", args["timeout"], rows=r_rows)
+            r.setdefault("rows", r_rows)
+            results["frame"].append(r)
+            label = "whole frame" if r_rows == 0 else f"strips of {r['rows']} rows"
+            if "error" in r:
+                print(f"  {label:<22} {r['error']}")
+                continue
+            share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
+            print(f"  {label:<22} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
+                  f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
+    results["machine"]["load_average_end"] = os.getloadavg()
+    print(f"\nload average at the end: {results['machine']['load_average_end'][0]:.2f}")
+    if args["json"]:
+        with utils.atomic_path(args["json"]) as tmp:
+            with open(tmp, "w") as handle:
+                json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        request = json.loads(sys.argv[2])
+        print(json.dumps(CHILDREN[request.pop("part")](request)))
+    else:
+        sys.exit(utils.run(main))
