@@ -125,7 +125,8 @@ def format_help(prog: str, description: str, spec) -> str:
     width = max(len(a.name) for a in spec) + 2
     lines = [f"usage: python {prog} [key=value ...]", "", description, "", "arguments (default in brackets):"]
     for a in spec:
-        choices = f" One of: {', '.join(str(c) for c in a.choices)}." if a.choices else ""
+        stop = "" if not a.help or a.help.endswith(".") else "."
+        choices = f"{stop} One of: {', '.join(str(c) for c in a.choices)}." if a.choices else ""
         lines.append(f"  {a.name:<{width}}{a.help}{choices} [{a.describe_default()}]")
     return "\n".join(lines)
 

@@ -96,7 +96,8 @@ def test_render_pads_then_crops_without_changing_aligned_frames(full_model):
     for level in (0, 3):
         for tile_size in (0, None):
             rendered = test_model.render(level_model(full_model, level), raw, level, tile_size)
-            np.testing.assert_allclose(rendered, direct[level][0].numpy(), atol=1e-6)
+            # strips sum the same products in another order: float32 rounding, well inside 1e-4
+            np.testing.assert_allclose(rendered, direct[level][0].numpy(), atol=1e-5)
     odd = test_model.render(full_model, mosaic(rng, 70, 98), 0)
     assert odd.shape == (70, 98, 3)
 
