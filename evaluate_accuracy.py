@@ -21,7 +21,6 @@ import numpy as np
 import utils
 from utils import Arg, UsageError, UserError
 
-ORIGINAL_CHECKPOINT = "models/original/pynet_level_0.ckpt"
 # Baseline ISP: the ZRR data do not document the sensor's black level; 64 is the usual
 # black level of 10-bit Sony IMX sensors (256 at 12 bits), used as an assumption.
 BLACK_LEVEL = 64
@@ -37,7 +36,7 @@ ARGS = [
     Arg("model", str, "pynet", "pynet, or baseline: black level, bilinear demosaic, gray-world white balance, "
         "sRGB gamma (no network; level 0 only)", choices=("pynet", "baseline")),
     utils.level_arg(help="pyramid level whose output is scored against that level's target (0 = 448x448)"),
-    Arg("orig", utils.BOOL, _default_orig, "score the authors' released weights, " + ORIGINAL_CHECKPOINT),
+    Arg("orig", utils.BOOL, _default_orig, "score the authors' released weights, " + utils.ORIGINAL_CHECKPOINT),
     utils.restore_iter_arg(),
     utils.dataset_dir_arg(),
     Arg("batch_size", int, 1, "patches per forward pass (every patch is scored, whatever the size)",
@@ -143,7 +142,7 @@ def resolve_checkpoint(params) -> str:
     if params["orig"]:
         if params["restore_iter"] is not None:
             raise UsageError("orig=true scores the released weights: leave out restore_iter or give orig=false")
-        return ORIGINAL_CHECKPOINT
+        return utils.original_checkpoint()
     level, iteration = params["level"], params["restore_iter"]
     if iteration is None:
         iteration = utils.get_last_iter(level, params["models_dir"])

@@ -21,7 +21,6 @@ import numpy as np
 import utils
 from utils import Arg, UserError
 
-ORIGINAL_CHECKPOINT = "models/original/pynet_level_0.ckpt"
 FULL_RES_FOLDER = os.path.join("test", "huawei_full_resolution")
 # The reference's fixed input: the top-left 1472 x 1984 packed pixels (2944 x 3968 mosaic).
 REFERENCE_CROP = (1472, 1984)
@@ -44,7 +43,7 @@ def _default_output_dir(values):
 
 ARGS = [
     utils.level_arg(),
-    Arg("orig", utils.BOOL, False, "use the authors' released weights, " + ORIGINAL_CHECKPOINT),
+    Arg("orig", utils.BOOL, False, "use the authors' released weights, " + utils.ORIGINAL_CHECKPOINT),
     utils.restore_iter_arg(),
     utils.dataset_dir_arg(),
     Arg("use_gpu", utils.BOOL, True, "run on the GPU when there is one"),
@@ -74,7 +73,7 @@ def configure_devices(use_gpu: bool) -> None:
 def resolve_checkpoint(params) -> tuple:
     """(checkpoint prefix, iteration label for file names) for the chosen weights."""
     if params["orig"]:
-        return ORIGINAL_CHECKPOINT, "None"
+        return utils.original_checkpoint(), "None"
     level, iteration = params["level"], params["restore_iter"]
     if iteration is None:
         iteration = utils.get_last_iter(level, params["models_dir"])

@@ -190,6 +190,18 @@ def restore_iter_arg() -> Arg:
 # ---------------------------------------------------------------------------------------
 # checkpoints on disk
 
+ORIGINAL_CHECKPOINT = "models/original/pynet_level_0.ckpt"
+
+
+def original_checkpoint() -> str:
+    """The authors' released weights, or a one-line error saying how to get them."""
+    if not os.path.exists(ORIGINAL_CHECKPOINT + ".index"):
+        raise UserError(f"{ORIGINAL_CHECKPOINT}: the authors' released weights are not there; put "
+                        f"pynet_level_0.ckpt.index and .data-00000-of-00001 from their release into models/original/ "
+                        f"(README, 'The real thing'), or use your own checkpoints with orig=false")
+    return ORIGINAL_CHECKPOINT
+
+
 def checkpoint_prefix(models_dir: str, level: int, iteration) -> str:
     return os.path.join(models_dir, f"pynet_level_{level}_iteration_{iteration}.ckpt")
 

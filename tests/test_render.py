@@ -243,7 +243,7 @@ def test_missing_checkpoint_and_folder_are_one_line_errors(tmp_path):
     assert result.stderr.strip() == ("error: no checkpoint pynet_level_1_iteration_*.ckpt in models/: train level 1 "
                                      "first (python train_model.py level=1) or use the released weights with orig=true")
     result = run_script(tmp_path, "orig=true")
-    assert result.returncode == 1 and "models/original/pynet_level_0.ckpt: no checkpoint there" in result.stderr
+    assert result.returncode == 1 and "models/original/pynet_level_0.ckpt: the authors' released weights are not there" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_script(tmp_path, "dataset_dir=elsewhere/")
     assert result.returncode == 1 and "huawei_full_resolution/: folder not found" in result.stderr
