@@ -209,12 +209,6 @@ def write_mosaic_png(path, mosaic):
     Image.fromarray(data).save(path, format="PNG", compress_level=1)
 
 
-def write_jpeg(path, image, quality):
-    from PIL import Image
-
-    Image.fromarray(image).save(path, format="JPEG", quality=quality)
-
-
 def marker_text(sources, args, counts) -> str:
     lines = [
         "SYNTHETIC SAMPLE DATASET - NOT the Zurich RAW-to-RGB (ZRR) dataset.",
@@ -281,7 +275,7 @@ def build(output_dir, photos=None, train=300, test=60, full=2, full_height=512, 
             crop = random_crop(photo, MOSAIC, MOSAIC, rs)
             mosaic, _ = unprocess(crop, rs, noise, black_level)
             write_mosaic_png(os.path.join(work, split, load_dataset.RAW_FOLDER, f"{i}.png"), mosaic)
-            write_jpeg(os.path.join(work, split, load_dataset.TARGET_FOLDER, f"{i}.jpg"), crop, jpeg_quality)
+            utils.write_jpeg(os.path.join(work, split, load_dataset.TARGET_FOLDER, f"{i}.jpg"), crop, jpeg_quality)
         sources = [(s, name, credit) for s, pool in (("train", train_photos), ("test", test_photos))
                    for name, _, credit in pool]
         args = dict(seed=seed, noise=noise, black_level=black_level, jpeg_quality=jpeg_quality,

@@ -530,14 +530,6 @@ def visual_images(predictions, targets, stretch):
     return [utils.to_uint(np.hstack((p, t)), 8, stretch) for p, t in zip(predictions, targets)]
 
 
-def write_jpeg(path, image):
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with utils.atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="JPEG", quality=95)
-
-
 class Summaries:
     """TensorBoard summaries written with TensorFlow's own ``tf.summary.write`` and the plugin
     metadata TensorBoard's scalar and image dashboards read, so that training does not need
@@ -706,7 +698,7 @@ class Trainer:
         predictions = self.steps.predict(raw).numpy()
         images = visual_images(predictions, targets, self.args["visual_stretch"])
         for idx, image in enumerate(images):
-            write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
+            utils.write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
                        image)
         if writer is not None:
             writer.images("visual/prediction_target", visual_images(predictions, targets, False), i)

@@ -292,3 +292,14 @@ def write_png(path: str, image) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)
+
+
+def write_jpeg(path: str, image, quality: int = 95) -> None:
+    """Write an HxWx3 uint8 array as JPEG, atomically."""
+    from PIL import Image
+
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=quality)
