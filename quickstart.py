@@ -29,7 +29,7 @@ ARGS = [
     Arg("patch_size", int, 32, "side of the packed training crops (multiple of 16)", check=utils.positive),
     Arg("batch_size", int, 2, "training batch size", check=utils.positive),
     Arg("train", int, 48, "training patches in the sample dataset", check=utils.positive),
-    Arg("test", int, 8, "test patches in the sample dataset", check=utils.positive),
+    Arg("test", int, 4, "test patches in the sample dataset", check=utils.positive),
     Arg("full_height", int, 256, "height of the sample's full-resolution mosaic", check=utils.positive),
     Arg("full_width", int, 384, "width of the sample's full-resolution mosaic", check=utils.positive),
 ]
