@@ -419,35 +419,40 @@ def pad_to_multiple(packed, multiple=16):
 #   the memory, never held for the whole frame;
 # * a layer with instance norm (levels 2 to 5) needs statistics over the whole frame: its
 #   pre-norm output is computed strip by strip and held, the mean and variance taken over
-#   all of it, then each strip is normalised in place. A map is dropped strip by strip as
-#   soon as its last consumer has passed it.
+#   all of it, then each strip is normalised (replacing the pre-norm one). A map is dropped
+#   strip by strip as soon as its last consumer has passed it.
 #
 # Zero padding is applied only at the frame's edges, every value is computed once (no
 # overlapping tiles to recompute), and the output equals the whole-frame one up to float
-# rounding. The input of pool1 (conv_l1_d1, no instance norm, 2% of the work) is computed
+# rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the work) is computed
 # twice rather than kept for the whole frame: once for the encoder, once for level 1.
+# For a 12 MP frame at level 0 the peak RSS is ~2.2 GiB (whole frame: ~7 GiB), reached while
+# level 2 is held; see README "Inference" for the figures.
 
-MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use taller strips
+MIN_STRIP_PIXELS = 65536    # smallest convolution worth a call: low levels use taller strips
 
 
 # Feature maps are held as (rows, W, C) tensors: slicing rows is then a slice of the first
-# dimension, which TensorFlow serves without copying. Everything runs eagerly: per-strip
-# calls of a tf.function cost more in argument matching than they save (measured).
+# dimension, which TensorFlow serves without copying. Strips run eagerly (a tf.function per
+# layer call cost more in argument matching than it saved, measured), except the steady
+# strips of levels 1 and 0, traced once into one graph and replayed (_StripReplay).
 
 def _conv_rows(x, layer, pad_top, pad_bottom, relu):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
     the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges)."""
     p = layer.kernel_size // 2
-    y = tf.nn.conv2d(x[None], layer.kernel.value, 1, padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
+    padding = [[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]]
+    y = tf.nn.conv2d(tf.expand_dims(x, 0), layer.kernel.value, 1, padding=padding)
     y = tf.nn.bias_add(y, layer.bias.value)
-    return (tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y)[0]
+    return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y, 0)
 
 
 def _up_rows(x, layer):
     """Stride-2 'same' transposed convolution + leaky ReLU of a strip of rows."""
     rows, width, _ = x.shape
-    y = tf.nn.conv2d_transpose(x[None], layer.kernel.value, [1, 2 * rows, 2 * width, layer.filters], 2, "SAME")
-    return tf.nn.leaky_relu(y, LEAKY_SLOPE)[0]
+    shape = [1, 2 * rows, 2 * width, layer.filters]
+    y = tf.nn.conv2d_transpose(tf.expand_dims(x, 0), layer.kernel.value, shape, 2, "SAME")
+    return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE), 0)
 
 
 class _Rows:
@@ -500,6 +505,8 @@ class _SourceRows(_Rows):
         self.array = array
 
     def get(self, a, b):
+        if _REPLAY:
+            return _REPLAY[0].slice(self, self.array, 0, a, b)
         return self.array[a:b]
 
     def release(self, who, row):
@@ -544,7 +551,7 @@ class _PoolRows(_Rows):
         super().__init__(source.height // 2, [source])
 
     def produce(self, a, b):
-        y = tf.nn.max_pool2d(self.sources[0].get(2 * a, 2 * b)[None], 2, 2, "VALID")[0]
+        y = tf.squeeze(tf.nn.max_pool2d(tf.expand_dims(self.sources[0].get(2 * a, 2 * b), 0), 2, 2, "VALID"), 0)
         self.sources[0].release(self, 2 * b)
         return y
 
@@ -558,6 +565,8 @@ class _UpRows(_Rows):
 
     def produce(self, a, b):
         source = self.sources[0]
+        if _REPLAY:
+            _REPLAY[0].reach(source, (b + 1) // 2)
         m0, m1 = a // 2, min((b + 1) // 2, source.height)
         first = max(m0 - 1, 0)
         y = _up_rows(source.get(first, m1), self.layer)
@@ -574,6 +583,8 @@ class _ConvRows(_Rows):
 
     def _conv(self, a, b, relu):
         source, p, height = self.sources[0], self.layer.kernel_size // 2, self.height
+        if _REPLAY:
+            _REPLAY[0].reach(source, b + p)
         top, bottom = max(a - p, 0), min(b + p, height)
         y = _conv_rows(source.get(top, bottom), self.layer, top - (a - p), (b + p) - bottom, relu)
         source.release(self, b - p)
@@ -614,15 +625,25 @@ class _NormConvRows(_ConvRows):
     def get(self, a, b):
         if self.hi < self.height:
             self._materialise()
+        if _REPLAY:
+            return _REPLAY[0].slice(self, *self.whole(), a, b)
         parts = [data[max(a, start) - start: min(b, end) - start]
                  for start, end, data in self.chunks if start < b and end > a]
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
     def release(self, who, row):
+        if _REPLAY:  # replayed strips leave the whole-frame maps alone
+            return
         self.marks[id(who)] = row
         low = self.low()
         while self.chunks and self.chunks[0][1] <= low:
             self.chunks.pop(0)
+
+    def whole(self):
+        """(tensor, first row) of the rows still held, as one tensor (for replayed strips)."""
+        if len(self.chunks) > 1:
+            self.chunks = [(self.chunks[0][0], self.chunks[-1][1], tf.concat([c[2] for c in self.chunks], axis=0))]
+        return self.chunks[0][2], self.chunks[0][0]
 
 
 _MALLOC_SET = []
@@ -734,12 +755,126 @@ def level_output(model, level):
     raise ValueError(f"{model.name} has no output for level {level}")
 
 
-def render_in_strips(model, level, packed, rows, out_height=None, progress=None, min_strip_pixels=MIN_STRIP_PIXELS):
+
+# ---------------------------------------------------------------------------------------
+# replaying a steady strip as one graph
+
+_REPLAY = []    # the _StripReplay being traced, if any
+
+
+class _StripReplay:
+    """A steady strip of the streamed maps, traced once into a TensorFlow graph and replayed
+    for the strips that follow: the graph runs independent convolutions concurrently, fuses
+    bias and activation into them and costs no Python per operation. A strip is steady when
+    every streamed map holds and computes the same rows, relative to the strip, as in the
+    strip before, and nothing reaches the frame's bottom edge; the first strips (top edge,
+    the whole-frame part) and the last ones run eagerly, as does everything when
+    ``render_in_strips(..., replay=False)``."""
+
+    def __init__(self, head, strip):
+        self.head = head
+        # the maps streamed with the output, and the held maps (input, instance norm) they read
+        self.streamed, self.fixed, seen, todo = [], [], set(), [head]
+        while todo:
+            node = todo.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, (_SourceRows, _NormConvRows)):
+                self.fixed.append(node)
+            else:
+                self.streamed.append(node)
+                todo.extend(node.sources)
+        nodes = self.streamed + self.fixed
+        self.delta = {id(n): strip * n.height // head.height for n in nodes}
+        self.usable = all(strip * n.height % head.height == 0 for n in nodes) and \
+            not any(getattr(n, "virtual", False) for n in self.streamed)
+        self.function, self.before, self.failures = None, None, 0
+
+    def _ints(self, node, k):
+        d = self.delta[id(node)] * k
+        return (node.lo - d, node.hi - d, tuple(sorted((key, v - d) for key, v in node.marks.items())))
+
+    def signature(self, k):
+        """The streamed maps' rows relative to strip ``k``, and their shapes."""
+        return tuple(self._ints(n, k) + (None if n.data is None else tuple(n.data.shape),) for n in self.streamed)
+
+    def steady(self, k):
+        """Whether strip ``k``, just run eagerly, left the maps as strip k-1 did."""
+        now = self.signature(k)
+        same, self.before = self.usable and now == self.before, now
+        return same
+
+    def slice(self, node, tensor, first, a, b):
+        """Rows [a, b) of a fixed map, ``shift`` strips further down when replayed."""
+        start = self.shift * self.delta[id(node)] + (a - first)
+        return tf.slice(tensor, tf.stack([start, 0, 0]), [b - a, -1, -1])
+
+    def reach(self, source, row):
+        self.reaches[id(source)] = (source, max(row, self.reaches.get(id(source), (None, row))[1]))
+
+    def trace(self, k, start, end, driver):
+        """Trace strip ``k`` (rows [start, end) of the output); False if it is not steady."""
+        for node in self.fixed:
+            if isinstance(node, _NormConvRows) and node.chunks:
+                node.whole()
+        before = [(n.lo, n.hi, dict(n.marks), n.data) for n in self.streamed]
+        inputs = [i for i, n in enumerate(self.streamed) if n.data is not None]
+        outputs, self.reaches = [], {}
+
+        def step(shift, *datas):
+            for node in self.streamed:
+                node.data = None
+            for i, data in zip(inputs, datas):
+                self.streamed[i].data = data
+            self.shift = shift
+            _REPLAY.append(self)
+            try:
+                out = self.head.get(start, end)
+                self.head.release(driver, end)
+            finally:
+                _REPLAY.pop()
+            outputs[:] = [i for i, n in enumerate(self.streamed) if n.data is not None]
+            return [out] + [self.streamed[i].data for i in outputs]
+
+        specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec(before[i][3].shape, tf.float32) for i in inputs]
+        function = tf.function(step, autograph=False).get_concrete_function(*specs)
+        after = [(n.lo, n.hi, dict(n.marks)) for n in self.streamed]
+        for node, (lo, hi, marks, data) in zip(self.streamed, before):
+            node.lo, node.hi, node.marks, node.data = lo, hi, marks, data
+        for node, (lo, hi, marks, _), (lo2, hi2, marks2) in zip(self.streamed, before, after):
+            d = self.delta[id(node)]
+            if (lo2 - lo, hi2 - hi) != (d, d) or marks2.keys() != marks.keys() or \
+                    any(marks2[key] - marks[key] != d for key in marks):
+                return False
+        self.function, self.k0, self.inputs, self.outputs, self.after = function, k, inputs, outputs, after
+        return True
+
+    def fits(self, k, start, end, strip):
+        """Whether strip ``k`` may be replayed: a whole strip, above the frame's bottom edge."""
+        m = k - self.k0
+        return self.function is not None and end - start == strip and \
+            all(row + m * self.delta[id(source)] <= source.height for source, row in self.reaches.values())
+
+    def run(self, k):
+        m = k - self.k0
+        results = self.function(tf.constant(m, tf.int32), *[self.streamed[i].data for i in self.inputs])
+        for node, (lo, hi, marks) in zip(self.streamed, self.after):
+            d = self.delta[id(node)] * m
+            node.lo, node.hi, node.marks, node.data = lo + d, hi + d, {key: v + d for key, v in marks.items()}, None
+        for i, data in zip(self.outputs, results[1:]):
+            self.streamed[i].data = data
+        return results[0]
+
+
+def render_in_strips(model, level, packed, rows, out_height=None, progress=None, min_strip_pixels=MIN_STRIP_PIXELS,
+                     replay=True):
     """Output of pyramid ``level`` of ``model`` for one packed frame (H, W, 4; multiples of
     16) as float32 (H', W', 3), unclipped, computed in strips of ``rows`` packed rows with
     bounded memory (see above). ``out_height`` output rows are computed (default: all);
     ``progress(n)`` is called with the number of output rows added after each strip. Maps at
-    lower resolutions use strips of at least ``min_strip_pixels`` pixels."""
+    lower resolutions use strips of at least ``min_strip_pixels`` pixels. ``replay``: run the
+    steady strips as one traced graph (_StripReplay) rather than op by op."""
     output_tensor = level_output(model, level)
     return_freed_memory()
     packed = tf.convert_to_tensor(np.asarray(packed, np.float32))
@@ -754,11 +889,19 @@ def render_in_strips(model, level, packed, rows, out_height=None, progress=None,
                                          -(-min_strip_pixels // max(1, int(width * ratio)))))
     out_height = head.height if out_height is None else min(out_height, head.height)
     strip = max(1, -(-rows * head.height // height))
-    output = None
-    for start in range(0, out_height, strip):
+    replayer = _StripReplay(head, strip) if replay else None
+    output, steady = None, False
+    for k, start in enumerate(range(0, out_height, strip)):
         end = min(start + strip, out_height)
-        data = head.get(start, end).numpy()
-        head.release(render_in_strips, end)
+        if steady and replayer.function is None and not replayer.trace(k, start, end, render_in_strips):
+            steady, replayer.failures = False, replayer.failures + 1
+        if steady and replayer.fits(k, start, end, strip):
+            data = replayer.run(k).numpy()
+        else:
+            data = head.get(start, end).numpy()
+            head.release(render_in_strips, end)
+            steady = replayer is not None and replayer.function is None and replayer.failures < 3 and \
+                replayer.steady(k)
         if output is None:  # after the whole-frame part has run and been dropped
             output = np.empty((out_height,) + data.shape[1:], np.float32)
         output[start:end] = data

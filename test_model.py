@@ -24,12 +24,14 @@ from utils import Arg, UserError
 FULL_RES_FOLDER = os.path.join("test", "huawei_full_resolution")
 # The reference's fixed input: the top-left 1472 x 1984 packed pixels (2944 x 3968 mosaic).
 REFERENCE_CROP = (1472, 1984)
-# Automatic strip height: this many packed pixels per strip (rows = STRIP_PIXELS // width).
-# The head holds ~18 KB per packed pixel of a strip while it runs (2,300 maps of level 1
-# in flight), so 64K pixels cost ~1.2 GB... see README "Inference" for the measurements.
-STRIP_PIXELS = 48 * 1024
+# Automatic choice (tile_size=none), for a peak RSS within about 2.5 GiB on a CPU:
+# * the whole frame at once, the fastest, while it is small: that costs ~2.2 KiB per packed
+#   pixel above the ~0.75 GiB of TensorFlow and the weights (measured, README "Inference");
+# * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
+#   multiple of 8 rows; the whole-frame part (levels 2 to 5) then peaks at ~2.2 GiB.
+WHOLE_FRAME_PIXELS = 768 * 1024
+STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
-
 
 def _default_input(values):
     """{dataset_dir}/test/huawei_full_resolution/"""
@@ -136,10 +138,14 @@ def pack(mosaic, crop: str = "none"):
     return packed
 
 
-def auto_tile_size(width: int) -> int:
-    """Strip height (packed rows) for a packed frame ``width`` pixels wide: about
-    STRIP_PIXELS packed pixels per strip, so memory does not grow with the frame."""
-    return int(min(MAX_STRIP_ROWS, max(MIN_STRIP_ROWS, STRIP_PIXELS // max(1, width))))
+def auto_tile_size(height: int, width: int) -> int:
+    """tile_size=none for a packed frame of ``height`` x ``width``: 0 (the whole frame) when
+    it is small, else strips of about STRIP_PIXELS packed pixels, so memory does not grow
+    with the frame."""
+    if height * width <= WHOLE_FRAME_PIXELS:
+        return 0
+    rows = STRIP_PIXELS // max(1, width) // 8 * 8
+    return int(min(MAX_STRIP_ROWS, max(MIN_STRIP_ROWS, rows)))
 
 
 _VIEWS = {}
@@ -162,21 +168,22 @@ def whole_frame_model(model, level: int):
 
 
 def render(model, mosaic, level: int, tile_size=None, crop: str = "none", progress=None):
-    """Run ``model`` (built for ``level``) on a 2-D Bayer mosaic of any size. The packed input
-    is padded to a multiple of 16 (mirrored) and the output cropped back. ``tile_size``:
-    packed rows per strip (None = automatic, 0 = the whole frame at once). ``progress(n)``
+    """Run ``model`` (built for ``level`` or lower) on a 2-D Bayer mosaic of any size. The
+    packed input is padded to a multiple of 16 (mirrored) and the output cropped back.
+    ``tile_size``: packed rows per strip (None = automatic, see auto_tile_size; 0 = the whole
+    frame at once). ``progress(n)``
     is told of each n output rows done. Returns float32 H x W x 3, unclipped."""
     from model import as_list, pad_to_multiple, render_in_strips
 
     padded, (height, width) = pad_to_multiple(pack(mosaic, crop))
     scale = 2.0 / 2 ** level
     out_height, out_width = int(height * scale), int(width * scale)
-    if tile_size == 0:
+    rows = auto_tile_size(*padded.shape[:2]) if tile_size is None else tile_size
+    if rows == 0:
         output = as_list(whole_frame_model(model, level).predict_on_batch(padded[None]))[0][0]
         if progress is not None:
             progress(out_height)
     else:
-        rows = auto_tile_size(padded.shape[1]) if tile_size is None else tile_size
         output = render_in_strips(model, level, padded, rows, out_height=out_height, progress=progress)
     return np.asarray(output[:out_height, :out_width], dtype=np.float32)
 

@@ -22,6 +22,7 @@ The weights are random, scaled by fan-in (as the tests'), so activations keep re
 magnitudes; the released weights are not needed. Results are also written as JSON with ``json=``.
 """
 
+import functools
 import json
 import os
 import platform
@@ -37,6 +38,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import utils  # noqa: E402
 
+print = functools.partial(print, flush=True)  # noqa: A001 (long runs: show each line as it comes)
+
 # setting -> (description, extra environment)
 SETTINGS = {
     "keras": ("model.predict_on_batch (Keras' own tf.function; test_model.py tile_size=0)", {}),
@@ -47,8 +50,12 @@ SETTINGS = {
     "onednn": ("tf.function with TF_ENABLE_ONEDNN_OPTS=1 (oneDNN kernels; off by default on AMD)",
                {"TF_ENABLE_ONEDNN_OPTS": "1"}),
     "eager": ("model(x) run eagerly (every intermediate kept until the end)", {}),
+    "bias_add": ("tf.function, convolutions written tf.nn.conv2d + tf.nn.bias_add + tf.nn.leaky_relu "
+                 "(Grappler fuses them into one kernel) instead of Keras ops", {}),
+    "in_fused_bn": ("tf.function, instance norm as FusedBatchNormV3 over (1, H, W, B*C)", {}),
+    "in_affine": ("tf.function, instance norm as x * a + b with a, b from tf.nn.moments", {}),
 }
-DEFAULT_SETTINGS = "keras,function,xla,inter_op_1,intra_op_1,onednn"
+DEFAULT_SETTINGS = "keras,function,eager,xla,bias_add,in_fused_bn,in_affine,inter_op_1,intra_op_1,onednn"
 PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
 FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
 
@@ -62,10 +69,10 @@ def _names(text, known, what):
 
 
 def _rows(text):
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise utils.UsageError(f"frame_rows={text}: expected a comma-separated list of integers") from None
+    rows = [t.strip() for t in text.split(",") if t.strip()]
+    if not rows or not all(r == "auto" or r.rstrip("e").isdigit() for r in rows):
+        raise utils.UsageError(f"frame_rows={text}: expected auto or strip heights such as 64 or 64e")
+    return rows
 
 
 SPEC = [
@@ -73,7 +80,8 @@ SPEC = [
     utils.Arg("settings", str, DEFAULT_SETTINGS, f"settings for the patches ({', '.join(SETTINGS)})"),
     utils.Arg("batch", int, 2, "patches per batch", check=utils.positive),
     utils.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=utils.positive),
-    utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto or a list"),
+    utils.Arg("frame_rows", str, "auto,64e", "strip heights (packed rows) for the frame: auto, or heights; "
+              "a trailing e runs the strips op by op (no replayed graph)"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
     utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
               check=utils.positive),
@@ -137,6 +145,39 @@ def child_peak(args):
     return results
 
 
+def use_variant(setting):
+    """Swap model.py's primitives for an alternative formulation (the patches' settings)."""
+    import tensorflow as tf
+
+    import model as pynet
+
+    if setting == "bias_add":
+        def call(self, x):
+            x = tf.nn.bias_add(tf.nn.conv2d(x, self.kernel, 1, "SAME"), self.bias)
+            if self.instance_norm:
+                x = pynet.instance_norm(x, self.shift, self.scale)
+            return tf.nn.leaky_relu(x, pynet.LEAKY_SLOPE) if self.relu else x
+
+        pynet.ConvLayer.call = call
+    elif setting == "in_fused_bn":
+        def instance_norm(x, shift, scale):
+            shape = tf.shape(x)
+            batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+            y = tf.reshape(tf.transpose(x, [1, 2, 0, 3]), [1, height, width, batch * channels])
+            y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, tf.tile(scale, [batch]), tf.tile(shift, [batch]),
+                                                       epsilon=pynet.IN_EPSILON, is_training=True)
+            return tf.transpose(tf.reshape(y, [height, width, batch, channels]), [2, 0, 1, 3])
+
+        pynet.instance_norm = instance_norm
+    elif setting == "in_affine":
+        def instance_norm(x, shift, scale):
+            mean, variance = tf.nn.moments(x, axes=[1, 2], keepdims=True)
+            multiplier = scale * tf.math.rsqrt(variance + pynet.IN_EPSILON)
+            return x * multiplier + (shift - mean * multiplier)
+
+        pynet.instance_norm = instance_norm
+
+
 def child_patches(args):
     import numpy as np
     import tensorflow as tf
@@ -144,6 +185,7 @@ def child_patches(args):
     from model import conv_macs, level_model
 
     setting = args["setting"]
+    use_variant(setting)
     if setting == "inter_op_1":
         tf.config.threading.set_inter_op_parallelism_threads(1)
     if setting == "intra_op_1":
@@ -176,13 +218,18 @@ def child_frame(args):
     model = sane_model()
     height, width = FRAME_PACKED
     mosaic = np.random.default_rng(2).integers(0, 1024, (2 * height, 2 * width)).astype(np.uint16)
-    rows = args["rows"]
-    tile_size = None if rows == "auto" else int(rows)
+    rows = str(args["rows"])
+    tile_size = None if rows == "auto" else int(rows.rstrip("e"))
+    if rows.endswith("e"):  # strips run op by op, without replaying steady strips as a graph
+        import model as pynet
+
+        render_in_strips = pynet.render_in_strips
+        test_model.render_in_strips = lambda *a, **k: render_in_strips(*a, replay=False, **k)
     start = time.perf_counter()
     image = test_model.render(model, mosaic, 0, tile_size)
     seconds = time.perf_counter() - start
     macs = conv_macs(model, height, width, level=0)
-    return {"rows": test_model.auto_tile_size(width) if tile_size is None else tile_size, "seconds": seconds,
+    return {"rows": test_model.auto_tile_size(height, width) if tile_size is None else tile_size, "seconds": seconds,
             "mp_per_s": image.shape[0] * image.shape[1] / seconds / 1e6, "gmac_per_s": macs / seconds / 1e9,
             "tmac": macs / 1e12, "peak_rss_mib": peak_rss_mib()}
 
@@ -223,7 +270,7 @@ def main(argv):
     args = utils.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
     parts = _names(args["parts"], CHILDREN, "parts")
     settings = _names(args["settings"], SETTINGS, "settings")
-    rows = ["auto"] if args["frame_rows"] == "auto" else _rows(args["frame_rows"])
+    rows = _rows(args["frame_rows"])
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, TensorFlow {info['tensorflow']}, "
           f"load average {info['load_average'][0]:.2f} at the start (other jobs make rates lower)")
@@ -260,7 +307,8 @@ def main(argv):
             r = spawn("frame", args["timeout"], rows=r_rows)
             r.setdefault("rows", r_rows)
             results["frame"].append(r)
-            label = "whole frame" if r_rows == 0 else f"strips of {r['rows']} rows"
+            label = "whole frame" if r_rows == 0 else f"strips of {r['rows']} rows" + \
+                (", op by op" if str(r_rows).endswith("e") else "")
             if "error" in r:
                 print(f"  {label:<22} {r['error']}")
                 continue

@@ -211,5 +211,6 @@ def test_cli_errors_are_one_line(small_dataset):
     result = run_script(small_dataset, "level=1", "orig=false")
     assert result.returncode == 1 and "no checkpoint pynet_level_1_iteration_*.ckpt" in result.stderr
     result = run_script(small_dataset, "dataset_dir=.")   # orig=true by default: the released weights
-    assert result.returncode == 1 and "models/original/pynet_level_0.ckpt: the authors' released weights are not there" in result.stderr
+    assert result.returncode == 1
+    assert "models/original/pynet_level_0.ckpt: the authors' released weights are not there" in result.stderr
     assert "Traceback" not in result.stderr

@@ -66,6 +66,24 @@ def test_strips_equal_the_whole_frame(sane_model, level):
     assert np.abs(naive - whole).max() > 0.05
 
 
+def test_steady_strips_replayed_as_one_graph_equal_the_whole_frame(sane_model, monkeypatch):
+    """A frame tall enough for steady strips: after the top edge, strips are traced once into a
+    graph and replayed (model._StripReplay) until the bottom edge."""
+    import model
+
+    replayed = []
+    run = model._StripReplay.run
+    monkeypatch.setattr(model._StripReplay, "run", lambda self, k: replayed.append(k) or run(self, k))
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(11), 320, 64))   # 160 x 32 packed
+    expected = sane_model(packed[None])[0][0].numpy()
+    got = render_in_strips(sane_model, 0, packed, 8)
+    assert len(replayed) >= 5
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    replayed.clear()
+    np.testing.assert_allclose(render_in_strips(sane_model, 0, packed, 8, replay=False), got, atol=1e-5)
+    assert not replayed
+
+
 def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model):
     """With min_strip_pixels=0 the whole-frame maps of levels 2 to 5 are computed in several
     strips too, their statistics gathered over all of them."""
@@ -160,11 +178,12 @@ def test_inputs_are_files_folders_or_lists_of_them(tmp_path):
         test_model.list_inputs(str(tmp_path / "absent") + "/")
 
 
-def test_automatic_strips_bound_the_pixels_per_strip():
-    assert test_model.auto_tile_size(1984) * 1984 <= test_model.STRIP_PIXELS
-    assert test_model.auto_tile_size(1984) >= test_model.MIN_STRIP_ROWS
-    assert test_model.auto_tile_size(16) == test_model.MAX_STRIP_ROWS
-    assert test_model.auto_tile_size(100000) == test_model.MIN_STRIP_ROWS
+def test_automatic_choice_bounds_the_pixels_held():
+    assert test_model.auto_tile_size(256, 256) == 0                     # small: the whole frame
+    rows = test_model.auto_tile_size(1488, 1984)                         # 12 MP: strips
+    assert rows % 8 == 0 and test_model.MIN_STRIP_ROWS <= rows and rows * 1984 <= test_model.STRIP_PIXELS
+    assert test_model.auto_tile_size(100000, 16) == test_model.MAX_STRIP_ROWS  # tall and thin
+    assert test_model.auto_tile_size(16, 100000) == test_model.MIN_STRIP_ROWS
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,7 +262,8 @@ def test_missing_checkpoint_and_folder_are_one_line_errors(tmp_path):
     assert result.stderr.strip() == ("error: no checkpoint pynet_level_1_iteration_*.ckpt in models/: train level 1 "
                                      "first (python train_model.py level=1) or use the released weights with orig=true")
     result = run_script(tmp_path, "orig=true")
-    assert result.returncode == 1 and "models/original/pynet_level_0.ckpt: the authors' released weights are not there" in result.stderr
+    assert result.returncode == 1
+    assert "models/original/pynet_level_0.ckpt: the authors' released weights are not there" in result.stderr
     assert "Traceback" not in result.stderr
     result = run_script(tmp_path, "dataset_dir=elsewhere/")
     assert result.returncode == 1 and "huawei_full_resolution/: folder not found" in result.stderr
