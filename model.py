@@ -433,9 +433,10 @@ MIN_STRIP_PIXELS = 65536    # smallest convolution worth a call: low levels use 
 
 
 # Feature maps are held as (rows, W, C) tensors: slicing rows is then a slice of the first
-# dimension, which TensorFlow serves without copying. Strips run eagerly (a tf.function per
-# layer call cost more in argument matching than it saved, measured), except the steady
-# strips of levels 1 and 0, traced once into one graph and replayed (_StripReplay).
+# dimension, which TensorFlow serves without copying. Strips run eagerly: a tf.function per
+# layer call cost more in argument matching than it saved, and tracing a steady strip once
+# into a graph and replaying it was no faster on a 12 MP frame (240 s op by op, 249 s
+# replayed, README "Inference"), so the simpler form stays.
 
 def _conv_rows(x, layer, pad_top, pad_bottom, relu):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
@@ -460,16 +461,17 @@ class _Rows:
 
     ``get(a, b)`` returns rows [a, b) as a (rows, W, C) tensor, computing what is missing;
     ``release(who, row)`` records that consumer ``who`` will not ask for rows below ``row``
-    again. A map keeps rows from the lowest consumer mark on, in one tensor extended (and
-    trimmed) once per strip, and is computed as far as it is asked for.
+    again. A map is computed as far as it is asked for and held as a list of chunks (one per
+    computation), a chunk dropped once every consumer has passed it: nothing is ever copied
+    to extend or trim a map, so holding a whole map costs the map and no more.
     """
 
     def __init__(self, height, sources=()):
         self.height = height
         self.sources = list(sources)
         self.consumers = []
-        self.data = None          # rows [lo, hi)
-        self.lo = self.hi = 0
+        self.chunks = []          # [(first row, end row, tensor)], in order
+        self.hi = 0               # rows computed so far
         self.marks = {}
         self.step = height
         for source in self.sources:
@@ -482,18 +484,24 @@ class _Rows:
     def get(self, a, b):
         if b > self.hi:
             new = self.produce(self.hi, min(b, self.height))
-            keep = max(self.low(), self.lo)
-            if self.data is None or keep >= self.hi:
-                self.data, self.lo = new, self.hi
-            else:
-                self.data, self.lo = tf.concat([self.data[keep - self.lo:], new], axis=0), keep
-            self.hi += int(new.shape[0])
-        return self.data[a - self.lo: b - self.lo]
+            end = self.hi + int(new.shape[0])
+            self.chunks.append((self.hi, end, new))
+            self.hi = end
+        return self._rows(a, b)
+
+    def _rows(self, a, b):
+        parts = [data[max(a, start) - start: min(b, end) - start]
+                 for start, end, data in self.chunks if start < b and end > a]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    def _trim(self):
+        low = self.low()
+        while self.chunks and self.chunks[0][1] <= low:
+            self.chunks.pop(0)
 
     def release(self, who, row):
         self.marks[id(who)] = row
-        if self.low() >= self.hi:
-            self.data, self.lo = None, self.hi
+        self._trim()
 
     def produce(self, a, b):  # rows [a, b') for some b' >= b
         raise NotImplementedError
@@ -505,8 +513,6 @@ class _SourceRows(_Rows):
         self.array = array
 
     def get(self, a, b):
-        if _REPLAY:
-            return _REPLAY[0].slice(self, self.array, 0, a, b)
         return self.array[a:b]
 
     def release(self, who, row):
@@ -565,8 +571,6 @@ class _UpRows(_Rows):
 
     def produce(self, a, b):
         source = self.sources[0]
-        if _REPLAY:
-            _REPLAY[0].reach(source, (b + 1) // 2)
         m0, m1 = a // 2, min((b + 1) // 2, source.height)
         first = max(m0 - 1, 0)
         y = _up_rows(source.get(first, m1), self.layer)
@@ -583,8 +587,6 @@ class _ConvRows(_Rows):
 
     def _conv(self, a, b, relu):
         source, p, height = self.sources[0], self.layer.kernel_size // 2, self.height
-        if _REPLAY:
-            _REPLAY[0].reach(source, b + p)
         top, bottom = max(a - p, 0), min(b + p, height)
         y = _conv_rows(source.get(top, bottom), self.layer, top - (a - p), (b + p) - bottom, relu)
         source.release(self, b - p)
@@ -598,14 +600,10 @@ class _ConvRows(_Rows):
 class _NormConvRows(_ConvRows):
     """A ConvLayer with instance norm: at the first request the whole map is computed before
     normalisation, strip by strip (``step`` rows), its mean and variance taken over all of it,
-    then each strip normalised. Strips are dropped as the last consumer passes them."""
-
-    def __init__(self, layer, source):
-        super().__init__(layer, source)
-        self.chunks = []  # [(first row, end row, tensor)]
+    then each strip normalised in place. Strips are dropped as the last consumer passes them."""
 
     def _materialise(self):
-        chunks, total = [], 0.0
+        chunks, total = self.chunks, 0.0
         for a in range(0, self.height, self.step):
             end = min(a + self.step, self.height)
             y = self._conv(a, end, relu=False)
@@ -619,31 +617,15 @@ class _NormConvRows(_ConvRows):
             spread = spread + tf.reduce_sum(tf.square(y - mean), axis=[0, 1]).numpy().astype(np.float64)
         multiplier = self.layer.scale.value / tf.sqrt((spread / count).astype(np.float32) + IN_EPSILON)
         offset = self.layer.shift.value - mean * multiplier
-        self.chunks = [(a, end, tf.nn.leaky_relu(y * multiplier + offset, LEAKY_SLOPE)) for a, end, y in chunks]
+        del y
+        for i, (a, end, _) in enumerate(chunks):  # one strip at a time: the map is never held twice
+            chunks[i] = (a, end, tf.nn.leaky_relu(chunks[i][2] * multiplier + offset, LEAKY_SLOPE))
         self.hi = self.height
 
     def get(self, a, b):
         if self.hi < self.height:
             self._materialise()
-        if _REPLAY:
-            return _REPLAY[0].slice(self, *self.whole(), a, b)
-        parts = [data[max(a, start) - start: min(b, end) - start]
-                 for start, end, data in self.chunks if start < b and end > a]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
-
-    def release(self, who, row):
-        if _REPLAY:  # replayed strips leave the whole-frame maps alone
-            return
-        self.marks[id(who)] = row
-        low = self.low()
-        while self.chunks and self.chunks[0][1] <= low:
-            self.chunks.pop(0)
-
-    def whole(self):
-        """(tensor, first row) of the rows still held, as one tensor (for replayed strips)."""
-        if len(self.chunks) > 1:
-            self.chunks = [(self.chunks[0][0], self.chunks[-1][1], tf.concat([c[2] for c in self.chunks], axis=0))]
-        return self.chunks[0][2], self.chunks[0][0]
+        return self._rows(a, b)
 
 
 _MALLOC_SET = []
@@ -755,126 +737,12 @@ def level_output(model, level):
     raise ValueError(f"{model.name} has no output for level {level}")
 
 
-
-# ---------------------------------------------------------------------------------------
-# replaying a steady strip as one graph
-
-_REPLAY = []    # the _StripReplay being traced, if any
-
-
-class _StripReplay:
-    """A steady strip of the streamed maps, traced once into a TensorFlow graph and replayed
-    for the strips that follow: the graph runs independent convolutions concurrently, fuses
-    bias and activation into them and costs no Python per operation. A strip is steady when
-    every streamed map holds and computes the same rows, relative to the strip, as in the
-    strip before, and nothing reaches the frame's bottom edge; the first strips (top edge,
-    the whole-frame part) and the last ones run eagerly, as does everything when
-    ``render_in_strips(..., replay=False)``."""
-
-    def __init__(self, head, strip):
-        self.head = head
-        # the maps streamed with the output, and the held maps (input, instance norm) they read
-        self.streamed, self.fixed, seen, todo = [], [], set(), [head]
-        while todo:
-            node = todo.pop()
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, (_SourceRows, _NormConvRows)):
-                self.fixed.append(node)
-            else:
-                self.streamed.append(node)
-                todo.extend(node.sources)
-        nodes = self.streamed + self.fixed
-        self.delta = {id(n): strip * n.height // head.height for n in nodes}
-        self.usable = all(strip * n.height % head.height == 0 for n in nodes) and \
-            not any(getattr(n, "virtual", False) for n in self.streamed)
-        self.function, self.before, self.failures = None, None, 0
-
-    def _ints(self, node, k):
-        d = self.delta[id(node)] * k
-        return (node.lo - d, node.hi - d, tuple(sorted((key, v - d) for key, v in node.marks.items())))
-
-    def signature(self, k):
-        """The streamed maps' rows relative to strip ``k``, and their shapes."""
-        return tuple(self._ints(n, k) + (None if n.data is None else tuple(n.data.shape),) for n in self.streamed)
-
-    def steady(self, k):
-        """Whether strip ``k``, just run eagerly, left the maps as strip k-1 did."""
-        now = self.signature(k)
-        same, self.before = self.usable and now == self.before, now
-        return same
-
-    def slice(self, node, tensor, first, a, b):
-        """Rows [a, b) of a fixed map, ``shift`` strips further down when replayed."""
-        start = self.shift * self.delta[id(node)] + (a - first)
-        return tf.slice(tensor, tf.stack([start, 0, 0]), [b - a, -1, -1])
-
-    def reach(self, source, row):
-        self.reaches[id(source)] = (source, max(row, self.reaches.get(id(source), (None, row))[1]))
-
-    def trace(self, k, start, end, driver):
-        """Trace strip ``k`` (rows [start, end) of the output); False if it is not steady."""
-        for node in self.fixed:
-            if isinstance(node, _NormConvRows) and node.chunks:
-                node.whole()
-        before = [(n.lo, n.hi, dict(n.marks), n.data) for n in self.streamed]
-        inputs = [i for i, n in enumerate(self.streamed) if n.data is not None]
-        outputs, self.reaches = [], {}
-
-        def step(shift, *datas):
-            for node in self.streamed:
-                node.data = None
-            for i, data in zip(inputs, datas):
-                self.streamed[i].data = data
-            self.shift = shift
-            _REPLAY.append(self)
-            try:
-                out = self.head.get(start, end)
-                self.head.release(driver, end)
-            finally:
-                _REPLAY.pop()
-            outputs[:] = [i for i, n in enumerate(self.streamed) if n.data is not None]
-            return [out] + [self.streamed[i].data for i in outputs]
-
-        specs = [tf.TensorSpec([], tf.int32)] + [tf.TensorSpec(before[i][3].shape, tf.float32) for i in inputs]
-        function = tf.function(step, autograph=False).get_concrete_function(*specs)
-        after = [(n.lo, n.hi, dict(n.marks)) for n in self.streamed]
-        for node, (lo, hi, marks, data) in zip(self.streamed, before):
-            node.lo, node.hi, node.marks, node.data = lo, hi, marks, data
-        for node, (lo, hi, marks, _), (lo2, hi2, marks2) in zip(self.streamed, before, after):
-            d = self.delta[id(node)]
-            if (lo2 - lo, hi2 - hi) != (d, d) or marks2.keys() != marks.keys() or \
-                    any(marks2[key] - marks[key] != d for key in marks):
-                return False
-        self.function, self.k0, self.inputs, self.outputs, self.after = function, k, inputs, outputs, after
-        return True
-
-    def fits(self, k, start, end, strip):
-        """Whether strip ``k`` may be replayed: a whole strip, above the frame's bottom edge."""
-        m = k - self.k0
-        return self.function is not None and end - start == strip and \
-            all(row + m * self.delta[id(source)] <= source.height for source, row in self.reaches.values())
-
-    def run(self, k):
-        m = k - self.k0
-        results = self.function(tf.constant(m, tf.int32), *[self.streamed[i].data for i in self.inputs])
-        for node, (lo, hi, marks) in zip(self.streamed, self.after):
-            d = self.delta[id(node)] * m
-            node.lo, node.hi, node.marks, node.data = lo + d, hi + d, {key: v + d for key, v in marks.items()}, None
-        for i, data in zip(self.outputs, results[1:]):
-            self.streamed[i].data = data
-        return results[0]
-
-
-def render_in_strips(model, level, packed, rows, out_height=None, progress=None, min_strip_pixels=MIN_STRIP_PIXELS,
-                     replay=True):
+def render_in_strips(model, level, packed, rows, out_height=None, progress=None, min_strip_pixels=MIN_STRIP_PIXELS):
     """Output of pyramid ``level`` of ``model`` for one packed frame (H, W, 4; multiples of
     16) as float32 (H', W', 3), unclipped, computed in strips of ``rows`` packed rows with
     bounded memory (see above). ``out_height`` output rows are computed (default: all);
     ``progress(n)`` is called with the number of output rows added after each strip. Maps at
-    lower resolutions use strips of at least ``min_strip_pixels`` pixels. ``replay``: run the
-    steady strips as one traced graph (_StripReplay) rather than op by op."""
+    lower resolutions use strips of at least ``min_strip_pixels`` pixels."""
     output_tensor = level_output(model, level)
     return_freed_memory()
     packed = tf.convert_to_tensor(np.asarray(packed, np.float32))
@@ -889,19 +757,11 @@ def render_in_strips(model, level, packed, rows, out_height=None, progress=None,
                                          -(-min_strip_pixels // max(1, int(width * ratio)))))
     out_height = head.height if out_height is None else min(out_height, head.height)
     strip = max(1, -(-rows * head.height // height))
-    replayer = _StripReplay(head, strip) if replay else None
-    output, steady = None, False
-    for k, start in enumerate(range(0, out_height, strip)):
+    output = None
+    for start in range(0, out_height, strip):
         end = min(start + strip, out_height)
-        if steady and replayer.function is None and not replayer.trace(k, start, end, render_in_strips):
-            steady, replayer.failures = False, replayer.failures + 1
-        if steady and replayer.fits(k, start, end, strip):
-            data = replayer.run(k).numpy()
-        else:
-            data = head.get(start, end).numpy()
-            head.release(render_in_strips, end)
-            steady = replayer is not None and replayer.function is None and replayer.failures < 3 and \
-                replayer.steady(k)
+        data = head.get(start, end).numpy()
+        head.release(render_in_strips, end)
         if output is None:  # after the whole-frame part has run and been dropped
             output = np.empty((out_height,) + data.shape[1:], np.float32)
         output[start:end] = data

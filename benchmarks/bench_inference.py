@@ -47,15 +47,15 @@ SETTINGS = {
     "xla": ("tf.function(model, jit_compile=True): XLA", {}),
     "inter_op_1": ("tf.function, inter-op threads 1 (ops one at a time, 2 threads each)", {}),
     "intra_op_1": ("tf.function, intra-op threads 1: one core, for the scaling", {}),
-    "onednn": ("tf.function with TF_ENABLE_ONEDNN_OPTS=1 (oneDNN kernels; off by default on AMD)",
-               {"TF_ENABLE_ONEDNN_OPTS": "1"}),
+    "onednn": ("tf.function with TF_ENABLE_ONEDNN_OPTS=1 (oneDNN kernels)", {"TF_ENABLE_ONEDNN_OPTS": "1"}),
+    "no_onednn": ("tf.function with TF_ENABLE_ONEDNN_OPTS=0 (Eigen kernels)", {"TF_ENABLE_ONEDNN_OPTS": "0"}),
     "eager": ("model(x) run eagerly (every intermediate kept until the end)", {}),
     "bias_add": ("tf.function, convolutions written tf.nn.conv2d + tf.nn.bias_add + tf.nn.leaky_relu "
                  "(Grappler fuses them into one kernel) instead of Keras ops", {}),
     "in_fused_bn": ("tf.function, instance norm as FusedBatchNormV3 over (1, H, W, B*C)", {}),
     "in_affine": ("tf.function, instance norm as x * a + b with a, b from tf.nn.moments", {}),
 }
-DEFAULT_SETTINGS = "keras,function,eager,xla,bias_add,in_fused_bn,in_affine,inter_op_1,intra_op_1,onednn"
+DEFAULT_SETTINGS = "keras,function,eager,xla,bias_add,in_fused_bn,in_affine,inter_op_1,intra_op_1,onednn,no_onednn"
 PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
 FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
 
@@ -70,8 +70,8 @@ def _names(text, known, what):
 
 def _rows(text):
     rows = [t.strip() for t in text.split(",") if t.strip()]
-    if not rows or not all(r == "auto" or r.rstrip("e").isdigit() for r in rows):
-        raise utils.UsageError(f"frame_rows={text}: expected auto or strip heights such as 64 or 64e")
+    if not rows or not all(r == "auto" or r.isdigit() for r in rows):
+        raise utils.UsageError(f"frame_rows={text}: expected auto or strip heights such as 32,64")
     return rows
 
 
@@ -80,8 +80,7 @@ SPEC = [
     utils.Arg("settings", str, DEFAULT_SETTINGS, f"settings for the patches ({', '.join(SETTINGS)})"),
     utils.Arg("batch", int, 2, "patches per batch", check=utils.positive),
     utils.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=utils.positive),
-    utils.Arg("frame_rows", str, "auto,64e", "strip heights (packed rows) for the frame: auto, or heights; "
-              "a trailing e runs the strips op by op (no replayed graph)"),
+    utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto, or a list such as 32,64"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
     utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
               check=utils.positive),
@@ -219,12 +218,7 @@ def child_frame(args):
     height, width = FRAME_PACKED
     mosaic = np.random.default_rng(2).integers(0, 1024, (2 * height, 2 * width)).astype(np.uint16)
     rows = str(args["rows"])
-    tile_size = None if rows == "auto" else int(rows.rstrip("e"))
-    if rows.endswith("e"):  # strips run op by op, without replaying steady strips as a graph
-        import model as pynet
-
-        render_in_strips = pynet.render_in_strips
-        test_model.render_in_strips = lambda *a, **k: render_in_strips(*a, replay=False, **k)
+    tile_size = None if rows == "auto" else int(rows)
     start = time.perf_counter()
     image = test_model.render(model, mosaic, 0, tile_size)
     seconds = time.perf_counter() - start
@@ -256,14 +250,22 @@ def spawn(part, timeout, env=None, **args):
 def machine():
     import tensorflow as tf
 
-    cpu = platform.processor() or "?"
+    cpu, flags = platform.processor() or "?", set()
     try:
         with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+            lines = handle.read().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
     except (OSError, StopIteration):
         pass
+    # TensorFlow's x86 Linux build turns oneDNN on by itself only on CPUs with these
+    # instructions; the rates of every setting depend on which kernels run.
+    vnni = sorted(flags & {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"})
+    setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    onednn = ("on" if setting == "1" else "off") + " (TF_ENABLE_ONEDNN_OPTS)" if setting in ("0", "1") else \
+        ("on" if vnni else "off") + " (TensorFlow's default for this CPU)"
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
-            "load_average": os.getloadavg()}
+            "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
 
 
 def main(argv):
@@ -272,7 +274,8 @@ def main(argv):
     settings = _names(args["settings"], SETTINGS, "settings")
     rows = _rows(args["frame_rows"])
     info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, TensorFlow {info['tensorflow']}, "
+    print(f"machine: {info['cpu']}, {info['cores']} cores, AVX-512 {'yes' if info['avx512f'] else 'no'}, "
+          f"oneDNN {info['onednn']}, TensorFlow {info['tensorflow']}, "
           f"load average {info['load_average'][0]:.2f} at the start (other jobs make rates lower)")
     results = {"machine": info}
     peak = None
@@ -307,8 +310,7 @@ def main(argv):
             r = spawn("frame", args["timeout"], rows=r_rows)
             r.setdefault("rows", r_rows)
             results["frame"].append(r)
-            label = "whole frame" if r_rows == 0 else f"strips of {r['rows']} rows" + \
-                (", op by op" if str(r_rows).endswith("e") else "")
+            label = "whole frame" if r_rows == 0 else f"strips of {r['rows']} rows"
             if "error" in r:
                 print(f"  {label:<22} {r['error']}")
                 continue

@@ -66,24 +66,6 @@ def test_strips_equal_the_whole_frame(sane_model, level):
     assert np.abs(naive - whole).max() > 0.05
 
 
-def test_steady_strips_replayed_as_one_graph_equal_the_whole_frame(sane_model, monkeypatch):
-    """A frame tall enough for steady strips: after the top edge, strips are traced once into a
-    graph and replayed (model._StripReplay) until the bottom edge."""
-    import model
-
-    replayed = []
-    run = model._StripReplay.run
-    monkeypatch.setattr(model._StripReplay, "run", lambda self, k: replayed.append(k) or run(self, k))
-    packed = extract_bayer_channels(mosaic(np.random.default_rng(11), 320, 64))   # 160 x 32 packed
-    expected = sane_model(packed[None])[0][0].numpy()
-    got = render_in_strips(sane_model, 0, packed, 8)
-    assert len(replayed) >= 5
-    np.testing.assert_allclose(got, expected, atol=1e-4)
-    replayed.clear()
-    np.testing.assert_allclose(render_in_strips(sane_model, 0, packed, 8, replay=False), got, atol=1e-5)
-    assert not replayed
-
-
 def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model):
     """With min_strip_pixels=0 the whole-frame maps of levels 2 to 5 are computed in several
     strips too, their statistics gathered over all of them."""
