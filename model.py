@@ -429,7 +429,7 @@ def pad_to_multiple(packed, multiple=16):
 # For a 12 MP frame at level 0 the peak RSS is ~2.2 GiB (whole frame: ~7 GiB), reached while
 # level 2 is held; see README "Inference" for the figures.
 
-MIN_STRIP_PIXELS = 65536    # smallest convolution worth a call: low levels use taller strips
+MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use taller strips
 
 
 # Feature maps are held as (rows, W, C) tensors: slicing rows is then a slice of the first

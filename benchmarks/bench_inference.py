@@ -1,6 +1,6 @@
 """Inference speed and memory of PyNET on this machine (README "Inference").
 
-    python benchmarks/bench_inference.py                             # everything, ~25 min on 2 cores
+    python benchmarks/bench_inference.py                             # everything, ~35 min on 2 cores
     python benchmarks/bench_inference.py parts=peak,patches settings=function,xla batch=2
     python benchmarks/bench_inference.py parts=frame frame_rows=16,24,48
 
@@ -15,7 +15,8 @@ own, and prints one line. The parts:
   warm-up run), output megapixels per second, achieved MAC/s (model.conv_macs: 335.7 GMAC per
   patch) and its share of the peak, and peak RSS.
 * frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed) rendered at level 0 as
-  test_model.py does, in strips (automatic height, or each of ``frame_rows``); with
+  test_model.py does, in strips (automatic height, or each of ``frame_rows``), with each of
+  oneDNN's allocators of ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory); with
   ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
 
 The weights are random, scaled by fan-in (as the tests'), so activations keep realistic
@@ -55,6 +56,7 @@ SETTINGS = {
     "in_fused_bn": ("tf.function, instance norm as FusedBatchNormV3 over (1, H, W, B*C)", {}),
     "in_affine": ("tf.function, instance norm as x * a + b with a, b from tf.nn.moments", {}),
 }
+ALLOCATORS = {"system": "1", "pool": "0"}   # TF_ONEDNN_USE_SYSTEM_ALLOCATOR (used where oneDNN is on)
 DEFAULT_SETTINGS = "keras,function,eager,xla,bias_add,in_fused_bn,in_affine,inter_op_1,intra_op_1,onednn,no_onednn"
 PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
 FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
@@ -81,6 +83,8 @@ SPEC = [
     utils.Arg("batch", int, 2, "patches per batch", check=utils.positive),
     utils.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=utils.positive),
     utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto, or a list such as 32,64"),
+    utils.Arg("frame_allocator", str, "system,pool", "allocators of oneDNN for the frame: system "
+              "(malloc, test_model.py's default) and/or pool (its own, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0)"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
     utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
               check=utils.positive),
@@ -272,6 +276,7 @@ def main(argv):
     args = utils.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
     parts = _names(args["parts"], CHILDREN, "parts")
     settings = _names(args["settings"], SETTINGS, "settings")
+    allocators = _names(args["frame_allocator"], ALLOCATORS, "frame_allocator")
     rows = _rows(args["frame_rows"])
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, AVX-512 {'yes' if info['avx512f'] else 'no'}, "
@@ -306,16 +311,18 @@ def main(argv):
     if "frame" in parts:
         print(f"\n12 MP frame ({2 * FRAME_PACKED[0]}x{2 * FRAME_PACKED[1]} mosaic) -> RGB, level 0, test_model.render:")
         results["frame"] = []
-        for r_rows in rows + ([0] if args["frame_whole"] else []):
-            r = spawn("frame", args["timeout"], rows=r_rows)
+        for r_rows, allocator in [(r, a) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators]:
+            env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator]}
+            r = spawn("frame", args["timeout"], env, rows=r_rows)
             r.setdefault("rows", r_rows)
+            r["allocator"] = allocator
             results["frame"].append(r)
-            label = "whole frame" if r_rows == 0 else f"strips of {r['rows']} rows"
+            label = ("whole frame" if r_rows == 0 else f"strips of {r['rows']} rows") + f", {allocator}"
             if "error" in r:
-                print(f"  {label:<22} {r['error']}")
+                print(f"  {label:<30} {r['error']}")
                 continue
             share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
-            print(f"  {label:<22} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
+            print(f"  {label:<30} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
                   f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
     results["machine"]["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {results['machine']['load_average_end'][0]:.2f}")

@@ -264,3 +264,12 @@ def test_output_names_follow_the_reference():
     assert test_model.resolve_checkpoint(params) == ("models/pynet_level_2_iteration_20000.ckpt", "20000")
     with pytest.raises(UserError):
         test_model.resolve_checkpoint({**params, "restore_iter": None, "models_dir": "/nonexistent/"})
+
+
+def test_rendering_asks_onednn_for_the_system_allocator_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", raising=False)
+    test_model.bound_memory()
+    assert os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1"
+    monkeypatch.setenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "0")
+    test_model.bound_memory()
+    assert os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "0"
