@@ -28,7 +28,8 @@ REFERENCE_CROP = (1472, 1984)
 # * the whole frame at once, the fastest, while it is small: that costs ~2.2 KiB per packed
 #   pixel above the ~0.75 GiB of TensorFlow and the weights (measured, README "Inference");
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
-#   multiple of 8 rows; the whole-frame part (levels 2 to 5) then peaks at ~2.2 GiB.
+#   multiple of 8 rows: a 12 MP frame then peaks at 2.35 GiB, reached while the
+#   instance-normalised maps of level 2 are held (README "Inference").
 WHOLE_FRAME_PIXELS = 768 * 1024
 STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
@@ -154,7 +155,8 @@ _VIEWS = {}
 def whole_frame_function(model, level: int):
     """A compiled function computing ``level``'s output of ``model`` for a batch of packed
     frames, kept so that the next photo reuses it. A plain tf.function: Keras'
-    predict_on_batch was measured 10% slower on a batch of patches (README "Inference")."""
+    predict_on_batch was a few percent slower in two runs (README "Inference"), and a
+    graph keeps fewer maps alive than running the layers eagerly."""
     import keras
     import tensorflow as tf
 
@@ -236,8 +238,8 @@ def main(argv):
 def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
-    of levels 2 to 5 for the rest of the run and fragments, 2.86 GiB against 2.36 GiB for a
-    12 MP frame, at the cost of 38% more time (README "Inference"). Takes effect only before
+    of levels 2 to 5 for the rest of the run and fragments, 2.87 GiB against 2.35 GiB for a
+    12 MP frame, at the cost of 36% more time (README "Inference"). Takes effect only before
     TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
