@@ -427,7 +427,8 @@ def pad_to_multiple(packed, multiple=16):
 # rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the work) is computed
 # twice rather than kept for the whole frame: once for the encoder, once for level 1.
 # For a 12 MP frame at level 0 the peak RSS is 2.35 GiB (whole frame: ~6.2 GiB), reached
-# while the maps of level 2 are held; see README "Inference" for the figures.
+# while the maps of level 2 are held, where oneDNN allocates through malloc (see
+# test_model.bound_memory); README "Inference" has the figures.
 
 MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use taller strips
 
