@@ -25,12 +25,13 @@ FULL_RES_FOLDER = os.path.join("test", "huawei_full_resolution")
 # The reference's fixed input: the top-left 1472 x 1984 packed pixels (2944 x 3968 mosaic).
 REFERENCE_CROP = (1472, 1984)
 # Automatic choice (tile_size=none), for a peak RSS within about 2.5 GiB on a CPU:
-# * the whole frame at once, the fastest, while it is small: that costs ~2.2 KiB per packed
-#   pixel above the ~0.75 GiB of TensorFlow and the weights (measured, README "Inference");
+# * the whole frame at once, the fastest, while it is small: that costs ~2.4 KiB per packed
+#   pixel above the ~0.8 GiB of TensorFlow and the weights (measured: 736K packed pixels,
+#   a 3 MP photo, peaked at 2.50 GiB), so up to 640K packed pixels (~2.3 GiB);
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
 #   multiple of 8 rows: a 12 MP frame then peaks at 2.35 GiB, reached while the
 #   instance-normalised maps of level 2 are held (README "Inference").
-WHOLE_FRAME_PIXELS = 768 * 1024
+WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
 
