@@ -52,6 +52,11 @@ def run(main: Callable[[list], Any], argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`... help | head`): stop quietly, as command-line tools do;
+        # stdout is pointed at /dev/null so that Python's exit-time flush does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

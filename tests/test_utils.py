@@ -85,6 +85,21 @@ def test_run_maps_errors_to_one_line_and_exit_codes(capsys):
     assert utils.run(bad_value, ["help"]) == 0
 
 
+def test_a_closed_pipe_stops_quietly():
+    """`python test_model.py help | head -1`: the reader leaves early; no traceback."""
+    import subprocess
+    import sys
+
+    code = ("import sys, utils\n"
+            "def main(argv):\n"
+            "    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "sys.exit(utils.run(main))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 141
+    assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr
+
+
 def test_get_last_iter_reads_complete_checkpoints_only(tmp_path):
     for name in ["pynet_level_4_iteration_1000.ckpt.index", "pynet_level_4_iteration_5000.ckpt.index",
                  "pynet_level_4_iteration_9000.ckpt.data-00000-of-00001",  # no index: incomplete
