@@ -443,18 +443,16 @@ def _conv_rows(x, layer, pad_top, pad_bottom, relu):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
     the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges)."""
     p = layer.kernel_size // 2
-    padding = [[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]]
-    y = tf.nn.conv2d(tf.expand_dims(x, 0), layer.kernel.value, 1, padding=padding)
+    y = tf.nn.conv2d(x[None], layer.kernel.value, 1, padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
     y = tf.nn.bias_add(y, layer.bias.value)
-    return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y, 0)
+    return (tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y)[0]
 
 
 def _up_rows(x, layer):
     """Stride-2 'same' transposed convolution + leaky ReLU of a strip of rows."""
     rows, width, _ = x.shape
-    shape = [1, 2 * rows, 2 * width, layer.filters]
-    y = tf.nn.conv2d_transpose(tf.expand_dims(x, 0), layer.kernel.value, shape, 2, "SAME")
-    return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE), 0)
+    y = tf.nn.conv2d_transpose(x[None], layer.kernel.value, [1, 2 * rows, 2 * width, layer.filters], 2, "SAME")
+    return tf.nn.leaky_relu(y, LEAKY_SLOPE)[0]
 
 
 class _Rows:
@@ -558,7 +556,7 @@ class _PoolRows(_Rows):
         super().__init__(source.height // 2, [source])
 
     def produce(self, a, b):
-        y = tf.squeeze(tf.nn.max_pool2d(tf.expand_dims(self.sources[0].get(2 * a, 2 * b), 0), 2, 2, "VALID"), 0)
+        y = tf.nn.max_pool2d(self.sources[0].get(2 * a, 2 * b)[None], 2, 2, "VALID")[0]
         self.sources[0].release(self, 2 * b)
         return y
 

@@ -35,6 +35,7 @@ WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
 
+
 def _default_input(values):
     """{dataset_dir}/test/huawei_full_resolution/"""
     return os.path.join(values["dataset_dir"], FULL_RES_FOLDER, "")

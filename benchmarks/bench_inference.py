@@ -266,8 +266,10 @@ def machine():
     # instructions; the rates of every setting depend on which kernels run.
     vnni = sorted(flags & {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"})
     setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-    onednn = ("on" if setting == "1" else "off") + " (TF_ENABLE_ONEDNN_OPTS)" if setting in ("0", "1") else \
-        ("on" if vnni else "off") + " (TensorFlow's default for this CPU)"
+    if setting in ("0", "1"):
+        onednn = f"{'on' if setting == '1' else 'off'} (TF_ENABLE_ONEDNN_OPTS)"
+    else:
+        onednn = f"{'on' if vnni else 'off'} (TensorFlow's default for this CPU)"
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
             "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
 

@@ -1,12 +1,15 @@
 """utils.py: the key=value parser shared by every script, atomic writes and image output."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import utils
+from conftest import ROOT
 from utils import Arg, UsageError
 
 SPEC = [
@@ -87,15 +90,11 @@ def test_run_maps_errors_to_one_line_and_exit_codes(capsys):
 
 def test_a_closed_pipe_stops_quietly():
     """`python test_model.py help | head -1`: the reader leaves early; no traceback."""
-    import subprocess
-    import sys
-
     code = ("import sys, utils\n"
             "def main(argv):\n"
             "    raise BrokenPipeError(32, 'Broken pipe')\n"
             "sys.exit(utils.run(main))\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 141
     assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr
 
