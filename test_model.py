@@ -27,7 +27,8 @@ REFERENCE_CROP = (1472, 1984)
 # Automatic choice (tile_size=none), for a peak RSS within about 2.5 GiB on a CPU:
 # * the whole frame at once, the fastest, while it is small: that costs ~2.4 KiB per packed
 #   pixel above the ~0.8 GiB of TensorFlow and the weights (measured: 736K packed pixels,
-#   a 3 MP photo, peaked at 2.50 GiB), so up to 640K packed pixels (~2.3 GiB);
+#   a 3 MP photo, peaked at 2.51 GiB with bench_inference.py frame_packed=736x1024), so
+#   up to 640K packed pixels (~2.3 GiB);
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
 #   multiple of 8 rows: a 12 MP frame then peaks at 2.35 GiB, reached while the
 #   instance-normalised maps of level 2 are held (README "Inference").

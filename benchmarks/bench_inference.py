@@ -14,9 +14,10 @@ own, and prints one line. The parts:
   level-0 output, for each setting: seconds per batch (best and median of ``repeats`` after one
   warm-up run), output megapixels per second, achieved MAC/s (model.conv_macs: 335.7 GMAC per
   patch) and its share of the peak, and peak RSS.
-* frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed) rendered at level 0 as
-  test_model.py does, in strips (automatic height, or each of ``frame_rows``), with each of
-  oneDNN's allocators of ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory); with
+* frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed; ``frame_packed=`` sets another
+  size) rendered at level 0 as test_model.py does, in strips (automatic height, or each of
+  ``frame_rows``; 0 is the whole frame), with each of oneDNN's allocators of
+  ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory); with
   ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
 
 The weights are random, scaled by fan-in (as the tests'), so activations keep realistic
@@ -70,6 +71,16 @@ def _names(text, known, what):
     return names
 
 
+def _frame(text):
+    try:
+        height, width = (int(t) for t in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if height <= 0 or width <= 0 or height % 16 or width % 16:
+        raise utils.UsageError(f"frame_packed={text}: expected HEIGHTxWIDTH in packed pixels, multiples of 16")
+    return height, width
+
+
 def _rows(text):
     rows = [t.strip() for t in text.split(",") if t.strip()]
     if not rows or not all(r == "auto" or r.isdigit() for r in rows):
@@ -85,6 +96,8 @@ SPEC = [
     utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto, or a list such as 32,64"),
     utils.Arg("frame_allocator", str, "system,pool", "allocators of oneDNN for the frame: system "
               "(malloc, test_model.py's default) and/or pool (its own, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0)"),
+    utils.Arg("frame_packed", str, "x".join(map(str, FRAME_PACKED)), "the frame's size in packed pixels "
+              "(HEIGHTxWIDTH, multiples of 16; the default is a 12 MP photo)"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
     utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
               check=utils.positive),
@@ -219,7 +232,7 @@ def child_frame(args):
     from model import conv_macs
 
     model = sane_model()
-    height, width = FRAME_PACKED
+    height, width = args["packed"]
     mosaic = np.random.default_rng(2).integers(0, 1024, (2 * height, 2 * width)).astype(np.uint16)
     rows = str(args["rows"])
     tile_size = None if rows == "auto" else int(rows)
@@ -280,6 +293,7 @@ def main(argv):
     settings = _names(args["settings"], SETTINGS, "settings")
     allocators = _names(args["frame_allocator"], ALLOCATORS, "frame_allocator")
     rows = _rows(args["frame_rows"])
+    frame = _frame(args["frame_packed"])
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, AVX-512 {'yes' if info['avx512f'] else 'no'}, "
           f"oneDNN {info['onednn']}, TensorFlow {info['tensorflow']}, "
@@ -311,15 +325,16 @@ def main(argv):
                   f"  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s{share}  peak RSS "
                   f"{r['peak_rss_mib'] / 1024:.2f} GiB   ({description})")
     if "frame" in parts:
-        print(f"\n12 MP frame ({2 * FRAME_PACKED[0]}x{2 * FRAME_PACKED[1]} mosaic) -> RGB, level 0, test_model.render:")
+        print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({4 * frame[0] * frame[1] / 1e6:.1f} MP) -> RGB, "
+              f"level 0, test_model.render:")
         results["frame"] = []
         for r_rows, allocator in [(r, a) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators]:
             env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator]}
-            r = spawn("frame", args["timeout"], env, rows=r_rows)
+            r = spawn("frame", args["timeout"], env, rows=r_rows, packed=frame)
             r.setdefault("rows", r_rows)
             r["allocator"] = allocator
             results["frame"].append(r)
-            label = ("whole frame" if r_rows == 0 else f"strips of {r['rows']} rows") + f", {allocator}"
+            label = ("whole frame" if str(r_rows) == "0" else f"strips of {r['rows']} rows") + f", {allocator}"
             if "error" in r:
                 print(f"  {label:<30} {r['error']}")
                 continue

@@ -162,7 +162,7 @@ def test_inputs_are_files_folders_or_lists_of_them(tmp_path):
 
 def test_automatic_choice_bounds_the_pixels_held():
     assert test_model.auto_tile_size(256, 256) == 0                     # small: the whole frame
-    assert test_model.auto_tile_size(736, 1024) > 0   # 3 MP: measured 2.50 GiB whole, so strips
+    assert test_model.auto_tile_size(736, 1024) > 0   # 3 MP: measured 2.51 GiB whole, so strips
     rows = test_model.auto_tile_size(1488, 1984)                         # 12 MP: strips
     assert rows % 8 == 0 and test_model.MIN_STRIP_ROWS <= rows and rows * 1984 <= test_model.STRIP_PIXELS
     assert test_model.auto_tile_size(100000, 16) == test_model.MAX_STRIP_ROWS  # tall and thin
