@@ -215,6 +215,7 @@ def write_csv(path: str, names, scores) -> None:
 
 def main(argv):
     params = utils.parse_args(argv, ARGS, "evaluate_accuracy.py", __doc__.strip().splitlines()[0])
+    utils.select_cpu_kernels(training=False)
     import load_dataset
 
     level, baseline = params["level"], params["model"] == "baseline"

@@ -89,6 +89,8 @@ def train_all_levels(params, vgg_dir: str) -> None:
 def main(argv):
     params = utils.parse_args(argv, ARGS, "quickstart.py", __doc__.strip().splitlines()[0])
     began = time.time()
+    # one process trains and then renders single photos: the choice must suit both
+    utils.select_cpu_kernels(training=True, smallest_batch=1)
     vgg_dir = params["vgg_dir"]
     if not os.path.isfile(vgg_dir):
         print(f"WARNING: {vgg_dir} is absent, so levels 3 to 0 train WITHOUT the VGG-19 content loss "

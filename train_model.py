@@ -84,6 +84,8 @@ SPEC = [
     Arg("accum_steps", int, 1, "accumulate gradients over this many micro-batches of batch_size/accum_steps "
         "per update", check=utils.positive),
     Arg("mixed_precision", utils.BOOL, False, "float16 compute (mixed_float16) with float32 variables and loss"),
+    Arg("xla", utils.BOOL, False, "compile the training and evaluation steps with XLA (jit_compile); for GPUs: "
+        "on CPUs it is slower than the default kernels"),
     Arg("seed", int, 0, "random seed of the data sampling and augmentation"),
     Arg("deterministic", utils.BOOL, False, "deterministic TensorFlow ops (slower; for reproducible runs)"),
     Arg("skip_bad", utils.BOOL, False, "skip unreadable or malformed patches with a warning instead of stopping"),
@@ -353,10 +355,11 @@ class Steps:
 
     Under a strategy each replica's loss is the sum of its per-image losses divided by the
     GLOBAL batch size (batch_size), so that the all-reduced (summed) gradient, and the sum over
-    accumulation steps, equal the gradient of the batch mean on one device.
+    accumulation steps, equal the gradient of the batch mean on one device. On one device
+    the steps call the replica function directly: no strategy.run / reduce in the graph.
     """
 
-    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision):
+    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision, xla=False):
         import tensorflow as tf
 
         import losses
@@ -367,6 +370,7 @@ class Steps:
         self.mixed = mixed_precision
         self.trainable = view.trainable_variables
         self.accumulators = None
+        distributed = strategy.num_replicas_in_sync > 1 or tf_config_tasks() > 1
         if accum_steps > 1:
             with strategy.scope():
                 # one local sum per replica (ON_READ), all-reduced by the optimizer when applied
@@ -403,19 +407,20 @@ class Steps:
                 for acc in self.accumulators:
                     acc.assign(tf.zeros_like(acc))
 
-        @tf.function
-        def step(batch):
-            return strategy.reduce(sum_, strategy.run(replica_step, args=batch), axis=None)
+        def compiled(fn):
+            return tf.function(fn, jit_compile=xla or None)
 
-        @tf.function
-        def accumulate(batch):
-            return strategy.reduce(sum_, strategy.run(replica_accumulate, args=batch), axis=None)
+        if distributed:
+            step = compiled(lambda batch: strategy.reduce(sum_, strategy.run(replica_step, args=batch), axis=None))
+            accumulate = compiled(
+                lambda batch: strategy.reduce(sum_, strategy.run(replica_accumulate, args=batch), axis=None))
+            apply = compiled(lambda: strategy.run(replica_apply))
+        else:
+            step = compiled(lambda batch: replica_step(*batch))
+            accumulate = compiled(lambda batch: replica_accumulate(*batch))
+            apply = compiled(replica_apply)
 
-        @tf.function
-        def apply():
-            strategy.run(replica_apply)
-
-        @tf.function
+        @compiled
         def evaluate(raw, target):
             enhanced = tf.cast(view(raw, training=False), tf.float32)
             total, parts = losses.level_loss(level, enhanced, target, vgg, vgg is not None)
@@ -427,7 +432,7 @@ class Steps:
                 out["ms_ssim"] = ms
             return out
 
-        @tf.function
+        @compiled
         def predict(raw):
             return tf.cast(view(raw, training=False), tf.float32)
 
@@ -657,7 +662,7 @@ class Trainer:
                              "loss_sum": tf.Variable(0.0, dtype=tf.float64, trainable=False),
                              "loss_count": tf.Variable(0, dtype=tf.int64, trainable=False)}
         self.steps = Steps(self.strategy, self.view, self.optimizer, self.level, self.vgg, args["batch_size"],
-                           args["accum_steps"], args["mixed_precision"])
+                           args["accum_steps"], args["mixed_precision"], args["xla"])
         self.restore_start()
 
     def restore_start(self):
@@ -811,10 +816,18 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------
 
+def smallest_batch(args) -> int:
+    """The fewest images one call of the network sees in this run (per replica): a micro-batch,
+    an evaluation batch or the visual results."""
+    per_worker = micro_batch(args) // max(1, tf_config_tasks())
+    return max(1, min(per_worker, args["eval_batch_size"], NUM_VISUAL))
+
+
 def main(argv):
     args = parse_arguments(argv)
     print("parameters:")
     utils.print_args({a.name: args[a.name] for a in SPEC})
+    utils.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
     import load_dataset
 
     print(load_dataset.describe_dataset(args["dataset_dir"]))

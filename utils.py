@@ -308,3 +308,66 @@ def write_jpeg(path: str, image, quality: int = 95) -> None:
         os.makedirs(folder, exist_ok=True)
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="JPEG", quality=quality)
+
+
+# ---------------------------------------------------------------------------------------
+# CPU kernels: oneDNN or TensorFlow's own (Eigen), chosen before TensorFlow starts
+
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+_AVX512_CORE = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def cpu_flags() -> set:
+    """The instruction-set flags of this CPU (Linux), limited by ONEDNN_MAX_CPU_ISA when it
+    caps oneDNN below AVX-512; an empty set where they cannot be read."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return set()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    if cap and not cap.startswith(("AVX512", "AVX10", "AMX", "ALL", "DEFAULT")):
+        flags = {f for f in flags if not f.startswith("avx512")}
+    return flags
+
+
+def choose_onednn(training: bool, smallest_batch: int, flags=None):
+    """(use oneDNN?, why) for this process, or (None, why) to keep TensorFlow's own default.
+
+    Measured on 2-core AMD EPYC machines (benchmarks/README.md): with AVX-512, oneDNN is the
+    faster backend for training and inference; with AVX2 only, it halves a training step, but
+    for a batch of ONE image oneDNN finds no optimised convolution for the large kernels of
+    levels 1 and 0 (a 9x9 convolution of 96 maps at 64x64: 30 s instead of 0.02 s, its
+    ``ref:any`` fallback), so a process that runs single images (rendering, evaluation or
+    training with batches of one) keeps TensorFlow's own kernels there.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return None, "TensorFlow's default (CPU features unknown)"
+    if _AVX512_CORE <= flags:
+        return True, "AVX-512 CPU"
+    if {"avx2", "fma"} <= flags:
+        if training and smallest_batch >= 2:
+            return True, "AVX2 CPU, training with batches of 2 or more"
+        return False, "AVX2 CPU without AVX-512: oneDNN has no fast convolution for single images there"
+    return False, "CPU without AVX2"
+
+
+def select_cpu_kernels(training: bool, smallest_batch: int = 1, out=print) -> None:
+    """Set TF_ENABLE_ONEDNN_OPTS for this process (a user's value wins) and say which kernels
+    run, once. Must run before TensorFlow is imported: afterwards it only reports."""
+    user = os.environ.get(ONEDNN_VARIABLE)
+    if user is not None:
+        choice, why = user.strip().lower() in ("1", "true", "yes", "on"), f"{ONEDNN_VARIABLE}={user}"
+    elif "tensorflow" in sys.modules:
+        return  # too late to choose (a caller in this process already started TensorFlow)
+    else:
+        choice, why = choose_onednn(training, smallest_batch)
+        if choice is not None:
+            os.environ[ONEDNN_VARIABLE] = "1" if choice else "0"
+    what = "TensorFlow's default" if choice is None else ("oneDNN" if choice else "TensorFlow's own (Eigen)")
+    out(f"CPU kernels: {what} ({why})")

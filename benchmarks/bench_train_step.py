@@ -1,22 +1,31 @@
-"""Benchmark of the training step (train_model.py) per level.
+"""Benchmark of the training step per level, and where its time goes.
 
-For each level: the full PyNET, Adam, the level's loss (with a VGG-19 of random weights and
-the real layer shapes standing in for imagenet-vgg-verydeep-19.mat at levels 3..0: same
-cost) and the real input pipeline (load_dataset.train_dataset on a generated sample dataset,
-2 batches prefetched), run through train_model.Trainer's own step. After ``warmup`` steps
-(tracing, first-call allocations) it times ``steps`` steps and reports the time per step,
-samples per second and the share of the step spent blocked waiting for the next batch.
+For each level, in one process, on the full PyNET with the level's loss (a VGG-19 of random
+weights with the real layer shapes stands in for imagenet-vgg-verydeep-19.mat: same cost):
 
-    python benchmarks/bench_train_step.py                         # reference batch sizes, 224 patches
-    python benchmarks/bench_train_step.py levels=5,4,3 batch_size=2 patch_size=64 steps=5
+* ``plain``: the model's forward + backward + Adam as one tf.function on constant inputs (no
+  tf.data, no strategy, no loop): what the network itself costs;
+* ``cli``: train_model.py's own loop (``Trainer.run``: the real input pipeline on a generated
+  sample dataset, progress bar, TensorBoard summaries, NaN check), timed between its steps,
+  without the evaluations at the first and last iteration;
 
-``batch_size=0`` means the reference's batch of each level (50, 50, 48, 18, 12, 10 for 5..0).
-Results are printed as a table and, with ``json=PATH``, written as JSON.
+and prints seconds per step (wall and CPU), the share of the CLI step that is the plain step,
+GFLOP/s and the percentage of this CPU's fp32 peak (one large matmul, measured at start),
+and which kernels ran (oneDNN or TensorFlow's own, XLA or not). The variants alternate step
+by step so that a busy machine slows them alike; compare ratios, not absolute times.
+
+    python benchmarks/bench_train_step.py levels=5 batch_size=4 patch_size=224
+    python benchmarks/bench_train_step.py levels=0 batch_size=2 patch_size=64
+    python benchmarks/bench_train_step.py                        # every level, reference batches, 224
+
+Kernels are chosen as train_model.py chooses them (TF_ENABLE_ONEDNN_OPTS set in the
+environment wins). ``batch_size=0`` means the reference's batch of each level.
 """
 
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -25,11 +34,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import utils  # noqa: E402
 
 REFERENCE_BATCH = {5: 50, 4: 50, 3: 48, 2: 18, 1: 12, 0: 10}
+# VGG-19 up to relu5_4: (input channels, output channels, resolution divisor) of its 16 convolutions
+VGG_CONVS = ([(3, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 2), (128, 256, 4)] + [(256, 256, 4)] * 3
+             + [(256, 512, 8)] + [(512, 512, 8)] * 3 + [(512, 512, 16)] * 4)
 
 
 def _levels(text):
@@ -42,98 +53,218 @@ def _levels(text):
     return sorted(set(levels), reverse=True)
 
 
+def _patch(value):
+    return None if 16 <= value <= 224 and value % 16 == 0 else "a multiple of 16 from 16 to 224"
+
+
 SPEC = [
     utils.Arg("levels", str, "5,4,3,2,1,0", "comma-separated levels to time"),
     utils.Arg("batch_size", int, 0, "batch size of every level; 0 = the reference's batch of each level",
               check=utils.non_negative),
-    utils.Arg("patch_size", int, 224, "packed crop side (multiple of 16, at most 224)"),
-    utils.Arg("steps", int, 5, "timed steps per level", check=utils.positive),
-    utils.Arg("warmup", int, 2, "untimed steps first (tracing)", check=utils.positive),
-    utils.Arg("accum_steps", int, 1, "gradient accumulation steps", check=utils.positive),
-    utils.Arg("mixed_precision", utils.BOOL, False, "mixed_float16"),
+    utils.Arg("patch_size", int, 224, "packed crop side", check=_patch),
+    utils.Arg("steps", int, 4, "timed steps per variant and level", check=utils.positive),
+    utils.Arg("warmup", int, 2, "untimed steps first (tracing, first allocations)", check=utils.positive),
+    utils.Arg("variants", str, "plain,cli", "what to time: plain, cli (comma-separated)"),
+    utils.Arg("xla", utils.BOOL, False, "compile the steps with XLA (train_model.py xla=true)"),
     utils.Arg("train_patches", int, 16, "generated training patches", check=utils.positive),
     utils.Arg("json", str, "", "also write the results to this JSON file"),
 ]
 
 
-def write_fake_vgg(path):
-    from test_vgg import random_vgg_weights, write_matconvnet_vgg
+# ---------------------------------------------------------------------------------------
+# work counts
 
-    write_matconvnet_vgg(path, random_vgg_weights(seed=0))
+def vgg_macs(size: int, batch: int) -> int:
+    return batch * sum(size // d * (size // d) * 9 * cin * cout for cin, cout, d in VGG_CONVS)
+
+
+def training_flops(model, level: int, patch: int, batch: int, content: bool) -> float:
+    """FLOPs of one training step, counted from the convolutions: the network's forward,
+    and twice that for its backward (input and weight gradients); VGG-19 forward on the
+    prediction and the target, and backward to the prediction (input gradients only).
+    Element-wise work (instance norm, Adam, activations) is not counted."""
+    from model import conv_macs
+
+    network = conv_macs(model, patch, patch, level=level, batch=batch)
+    vgg = vgg_macs(int(patch * 2 / 2 ** level), batch) if content else 0
+    return 2.0 * (3 * network + 3 * vgg)
+
+
+def peak_gflops(size=2048, repeats=6) -> float:
+    """fp32 GFLOP/s of one large matmul: this CPU's practical peak."""
+    import tensorflow as tf
+
+    a = tf.random.normal((size, size))
+    matmul = tf.function(lambda x: tf.linalg.matmul(x, x))
+    matmul(a).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a).numpy()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size ** 3 / best / 1e9
+
+
+def kernels_in_use() -> str:
+    import tensorflow as tf
+
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        onednn = "oneDNN" if _pywrap_util_port.IsMklEnabled() else "TensorFlow's own (Eigen)"
+    except (ImportError, AttributeError):
+        onednn = f"{utils.ONEDNN_VARIABLE}={os.environ.get(utils.ONEDNN_VARIABLE, 'default')}"
+    return f"{onednn}, TensorFlow {tf.__version__}"
+
+
+# ---------------------------------------------------------------------------------------
+# the variants
+
+def plain_step(trainer):
+    """The network, the level's loss and Adam as one tf.function, nothing around it."""
+    import tensorflow as tf
+
+    import losses
+
+    view, optimizer, level, vgg = trainer.view, trainer.optimizer, trainer.level, trainer.vgg
+    variables = view.trainable_variables
+    raw, target = next(iter(trainer.train_ds))
+
+    @tf.function(jit_compile=trainer.args["xla"])
+    def step(raw, target):
+        with tf.GradientTape() as tape:
+            per_image, _ = losses.level_loss_per_image(level, view(raw, training=True), target, vgg, vgg is not None)
+            loss = tf.reduce_mean(per_image)
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        return loss
+
+    return lambda: float(step(raw, target))
+
+
+class LoopClock:
+    """Times train_model.py's loop between its steps (its on_step hook), one step at a time:
+    ``advance()`` lets the loop run exactly one more step and returns its wall and CPU time."""
+
+    def __init__(self, trainer):
+        import threading
+
+        self.trainer, self.go, self.done = trainer, threading.Semaphore(0), threading.Semaphore(0)
+        self.times, self.error = [], None
+        trainer.on_step = self._on_step
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._mark = None
+
+    def _run(self):
+        try:
+            self.go.acquire()
+            self._mark = (time.perf_counter(), time.thread_time())
+            self.trainer.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by advance()
+            self.error = exc
+        finally:
+            self.done.release()
+
+    def _on_step(self, i, loss):
+        self.done.release()
+        self.go.acquire()
+
+    def start(self):
+        self.thread.start()
+
+    def advance(self):
+        self.go.release()
+        self.done.acquire()
+        if self.error is not None:
+            raise self.error
 
 
 def bench_level(level, model, work, dataset, vgg_path, opts):
-    import model as pynet
     import train_model
 
     batch = opts["batch_size"] or REFERENCE_BATCH[level]
-    models_dir = os.path.join(work, "models")
+    models_dir = os.path.join(work, f"models_{level}")
     if level < 5:  # the hand-over needs a level+1 checkpoint; its values do not matter here
+        import model as pynet
+
         pynet.save_checkpoint(model, utils.checkpoint_prefix(models_dir, level + 1, 0))
+    iters = opts["warmup"] + opts["steps"] + 1
     argv = [f"level={level}", f"dataset_dir={dataset}", f"batch_size={batch}", f"patch_size={opts['patch_size']}",
-            f"accum_steps={opts['accum_steps']}", f"mixed_precision={str(opts['mixed_precision']).lower()}",
             f"vgg_dir={vgg_path}", f"models_dir={models_dir}", f"results_dir={os.path.join(work, 'results')}",
-            "eval_batch_size=1", "progress=false", "tensorboard=false"]
+            f"num_train_iters={iters}", f"eval_step={10 * iters}", f"eval_batch_size={min(batch, 2)}",
+            f"xla={str(opts['xla']).lower()}", "progress=false"]
     args = train_model.parse_arguments(argv)
     trainer = train_model.Trainer(args, model=model, out=lambda *a: None)
-    iterator = iter(trainer.train_ds)
-
-    def feed():
-        return train_model.next_batch(iterator, trainer.train_log)
-
-    t0 = time.perf_counter()
+    variants = [v.strip() for v in opts["variants"].split(",") if v.strip()]
+    runners = {}
+    if "plain" in variants:
+        runners["plain"] = plain_step(trainer)
+    if "cli" in variants:
+        clock = LoopClock(trainer)
+        clock.start()
+        clock.advance()  # iteration 0, then its evaluation runs inside the next advance
+        runners["cli"] = clock.advance
     for _ in range(opts["warmup"]):
-        trainer.steps.train_step(feed)
-    warmup_s = time.perf_counter() - t0
-    waited, start = 0.0, time.perf_counter()
+        for run in runners.values():
+            run()
+    wall = {name: 0.0 for name in runners}
+    cpu = {name: 0.0 for name in runners}
     for _ in range(opts["steps"]):
-        _, wait = trainer.steps.train_step(feed)
-        waited += wait
-    elapsed = time.perf_counter() - start
-    step = elapsed / opts["steps"]
-    return {"level": level, "batch_size": batch, "patch_size": opts["patch_size"],
-            "target_size": int(opts["patch_size"] * 2 / 2 ** level), "step_s": step, "samples_per_s": batch / step,
-            "input_wait_share": waited / elapsed, "warmup_s": warmup_s,
-            "trainable_params": int(sum(v.numpy().size for v in trainer.view.trainable_variables))}
+        for name, run in runners.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            run()
+            wall[name] += time.perf_counter() - w0
+            cpu[name] += time.process_time() - c0
+    if "cli" in runners:
+        while clock.thread.is_alive():  # let the loop finish (last evaluation and checkpoint)
+            clock.go.release()
+            clock.thread.join(timeout=1)
+    flops = training_flops(model, level, opts["patch_size"], batch, trainer.vgg is not None)
+    return {name: {"level": level, "batch_size": batch, "patch_size": opts["patch_size"],
+                   "step_s": wall[name] / opts["steps"], "cpu_s": cpu[name] / opts["steps"],
+                   "gflops": flops / (wall[name] / opts["steps"]) / 1e9} for name in runners}
 
 
 def main(argv):
     opts = utils.parse_args(argv, SPEC, "benchmarks/bench_train_step.py", "Time the training step of each level.")
     levels = _levels(opts["levels"])
-    if opts["patch_size"] % 16 or not 16 <= opts["patch_size"] <= 224:
-        raise utils.UsageError(f"patch_size={opts['patch_size']}: expected a multiple of 16 from 16 to 224")
+    smallest = min(opts["batch_size"] or REFERENCE_BATCH[level] for level in levels)
+    utils.select_cpu_kernels(training=True, smallest_batch=smallest)
     import tensorflow as tf
 
     import make_sample_dataset
     import model as pynet
     import train_model
+    from test_vgg import random_vgg_weights, write_matconvnet_vgg
 
-    train_model.configure({"seed": 0, "deterministic": False, "mixed_precision": opts["mixed_precision"]})
+    train_model.configure({"seed": 0, "deterministic": False, "mixed_precision": False})
+    tf.get_logger().setLevel("ERROR")  # one trace per level and variant, by design
     work = tempfile.mkdtemp(prefix="pynet_bench_train_")
-    dataset = os.path.join(work, "data")
-    make_sample_dataset.build(dataset, train=opts["train_patches"], test=2, full=0, seed=0, progress=False)
-    vgg_path = os.path.join(work, "vgg.mat")
-    if min(levels) <= 3:
-        write_fake_vgg(vgg_path)
-    model = pynet.PyNET()
-    devices = [d.device_type for d in tf.config.list_physical_devices()]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"devices: {', '.join(devices)}; TensorFlow {tf.__version__}")
-    print(f"patch {opts['patch_size']} (packed), accum_steps {opts['accum_steps']}, "
-          f"mixed_precision {opts['mixed_precision']}, {opts['warmup']} warm-up + {opts['steps']} timed steps")
-    print("level  batch  target  step (s)  samples/s  input wait  warm-up (s)")
-    results = []
-    for level in levels:
-        r = bench_level(level, model, work, dataset, vgg_path, opts)
-        results.append(r)
-        print(f"{level:>5}  {r['batch_size']:>5}  {r['target_size']:>6}  {r['step_s']:>8.3f}  {r['samples_per_s']:>9.2f}"
-              f"  {100 * r['input_wait_share']:>9.1f}%  {r['warmup_s']:>11.1f}", flush=True)
-    if opts["json"]:
-        with open(opts["json"], "w") as handle:
-            json.dump({"options": opts, "results": results}, handle, indent=1)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        dataset = os.path.join(work, "data")
+        make_sample_dataset.build(dataset, train=opts["train_patches"], test=2, full=0, seed=0, progress=False)
+        vgg_path = os.path.join(work, "vgg.mat")
+        write_matconvnet_vgg(vgg_path, random_vgg_weights(seed=0))
+        peak = peak_gflops()
+        model = pynet.PyNET()
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
+              f"kernels: {kernels_in_use()}; XLA {'on' if opts['xla'] else 'off'}")
+        print(f"fp32 peak (2048^3 matmul): {peak:.0f} GFLOP/s; patch {opts['patch_size']} (packed); "
+              f"{opts['warmup']} warm-up + {opts['steps']} timed steps per variant, alternating")
+        print("level  batch  variant  step (s)  CPU (s)  plain/step  GFLOP/s  % peak")
+        results = []
+        for level in levels:
+            measured = bench_level(level, model, work, dataset, vgg_path, opts)
+            plain = measured.get("plain", {}).get("step_s")
+            for name, r in measured.items():
+                share = f"{100 * plain / r['step_s']:9.0f}%" if plain else f"{'':>10}"
+                print(f"{level:>5}  {r['batch_size']:>5}  {name:>7}  {r['step_s']:>8.3f}  {r['cpu_s']:>7.3f}  {share}"
+                      f"  {r['gflops']:>7.1f}  {100 * r['gflops'] / peak:>5.0f}%", flush=True)
+                results.append({"variant": name, **r, "peak_gflops": peak})
+        if opts["json"]:
+            with open(opts["json"], "w") as handle:
+                json.dump({"options": opts, "kernels": kernels_in_use(), "results": results}, handle, indent=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
