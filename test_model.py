@@ -4,6 +4,7 @@
     python test_model.py level=1 restore_iter=35000
     python test_model.py orig=true input=shot.png output_dir=out/
     python test_model.py orig=true input=a.png,b.png crop=reference
+    python test_model.py model=exported/pynet_level_0 input=shot.png   # an export_model.py artefact
 
 Reads every PNG mosaic in {dataset_dir}/test/huawei_full_resolution/ (or the files and
 folders of input=) and writes {output_dir}/{name}_level_{L}_iteration_{I}.png.
@@ -65,6 +66,8 @@ ARGS = [
         "(the reference; most memory); none = automatic", check=utils.non_negative),
     Arg("crop", str, "none", "reference = the reference's top-left 1472x1984 packed crop (2944x3968 mosaic); "
         "none = the whole mosaic", choices=("none", "reference")),
+    Arg("model", str, "none", "an exported SavedModel folder or .tflite file (export_model.py) to render with "
+        "instead of a checkpoint (level, orig, restore_iter, tile_size are then its own); none = a checkpoint"),
 ]
 
 
@@ -127,19 +130,23 @@ def load_model(level: int, prefix: str):
     return model
 
 
+def crop_mosaic(mosaic, crop: str = "none"):
+    """The reference's top-left crop of a 2-D mosaic for ``crop="reference"``; else the mosaic."""
+    if crop == "reference":
+        height, width = 2 * REFERENCE_CROP[0], 2 * REFERENCE_CROP[1]
+        if mosaic.shape[0] < height or mosaic.shape[1] < width:
+            raise UserError(f"crop=reference needs a mosaic of at least {height}x{width}, "
+                            f"this one is {mosaic.shape[0]}x{mosaic.shape[1]} (use crop=none)")
+        mosaic = mosaic[:height, :width]
+    return mosaic
+
+
 def pack(mosaic, crop: str = "none"):
     """The network's input for a 2-D Bayer mosaic (load_dataset.extract_bayer_channels), with
     the reference's top-left crop for ``crop="reference"``."""
     from load_dataset import extract_bayer_channels
 
-    packed = extract_bayer_channels(mosaic)
-    if crop == "reference":
-        height, width = REFERENCE_CROP
-        if packed.shape[0] < height or packed.shape[1] < width:
-            raise UserError(f"crop=reference needs a mosaic of at least {2 * height}x{2 * width}, "
-                            f"this one is {mosaic.shape[0]}x{mosaic.shape[1]} (use crop=none)")
-        packed = packed[:height, :width]
-    return packed
+    return extract_bayer_channels(crop_mosaic(mosaic, crop))
 
 
 def auto_tile_size(height: int, width: int) -> int:
@@ -193,7 +200,10 @@ def render(model, mosaic, level: int, tile_size=None, crop: str = "none", progre
     packed input is padded to a multiple of 16 (mirrored) and the output cropped back.
     ``tile_size``: packed rows per strip (None = automatic, see auto_tile_size; 0 = the whole
     frame at once). ``progress(n)`` is told of each n output rows done. Returns float32
-    H x W x 3, unclipped."""
+    H x W x 3, unclipped. ``model`` may be an exported model (export_model.load), which holds
+    the whole pipeline and returns its picture already clipped."""
+    if hasattr(model, "render_mosaic"):
+        return model.render_mosaic(mosaic, crop, progress)
     from model import as_list, pad_to_multiple, render_in_strips
 
     padded, (height, width) = pad_to_multiple(pack(mosaic, crop))
@@ -243,6 +253,13 @@ def render_files(model, files, params, iteration) -> list:
 def main(argv):
     params = utils.parse_args(argv, ARGS, "test_model.py", __doc__.strip().splitlines()[0])
     files = list_inputs(params["input"])
+    if params["model"] != "none":
+        import export_model
+
+        configure_devices(params["use_gpu"])
+        deployed = export_model.load_for_rendering(params["model"], params["bits"], params["stretch"])
+        render_files(deployed, files, {**params, "level": deployed.level}, deployed.iteration)
+        return
     prefix, iteration = resolve_checkpoint(params)
     if not os.path.exists(prefix + ".index"):
         raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")

@@ -1,8 +1,9 @@
 """Inference speed and memory of PyNET on this machine (README "Inference").
 
-    python benchmarks/bench_inference.py                             # everything, ~35 min on 2 cores
+    python benchmarks/bench_inference.py                             # peak, patches, frame: ~35 min on 2 cores
     python benchmarks/bench_inference.py parts=peak,patches settings=function,xla batch=2
     python benchmarks/bench_inference.py parts=frame frame_rows=16,24,48
+    python benchmarks/bench_inference.py parts=deploy repeats=2       # exported models, ~25 min
 
 Every measurement runs in a fresh Python process, so its peak RSS (getrusage ru_maxrss) is its
 own, and prints one line. The parts:
@@ -19,6 +20,14 @@ own, and prints one line. The parts:
   ``frame_rows``; 0 is the whole frame), with each of oneDNN's allocators of
   ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory); with
   ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
+* deploy: the exported models (export_model.py) against test_model.py's own path
+  (test_model.render, level 0), on a 448x448 mosaic (one 224x224 packed patch) and a
+  1024x1024 one (``deploy_sizes``): the SavedModel's serving signature, and the TFLite model
+  in float32, fp16 weights and int8 weights (quantize=dynamic) in the LiteRT interpreter
+  (XNNPACK, its default delegate, one thread per core). Per way and size: seconds per
+  mosaic (best and median of ``repeats`` after a first run), load time, peak RSS, the
+  largest difference from test_model.py's output (clipped, float) and the PSNR against it,
+  and the artefact's size. The artefacts are exported first, in their own process.
 
 The weights are random, scaled by fan-in (as the tests'), so activations keep realistic
 magnitudes; the released weights are not needed. Results are also written as JSON with ``json=``.
@@ -61,6 +70,14 @@ ALLOCATORS = {"system": "1", "pool": "0"}   # TF_ONEDNN_USE_SYSTEM_ALLOCATOR (us
 DEFAULT_SETTINGS = "keras,function,eager,xla,bias_add,in_fused_bn,in_affine,inter_op_1,intra_op_1,onednn,no_onednn"
 PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
 FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
+# way -> (description, export_model.export's precision and quantize; None: not exported)
+DEPLOY = {
+    "render": ("test_model.render (tf.function of the Keras model)", None),
+    "saved_model": ("SavedModel, serving_default signature", None),
+    "tflite": ("TFLite float32, LiteRT + XNNPACK", ("fp32", "none")),
+    "tflite_fp16": ("TFLite fp16 weights, LiteRT + XNNPACK", ("fp16", "none")),
+    "tflite_dynamic": ("TFLite int8 weights (dynamic range), LiteRT + XNNPACK", ("fp32", "dynamic")),
+}
 
 
 def _names(text, known, what):
@@ -89,7 +106,7 @@ def _rows(text):
 
 
 SPEC = [
-    utils.Arg("parts", str, "peak,patches,frame", "what to measure: peak, patches, frame"),
+    utils.Arg("parts", str, "peak,patches,frame", "what to measure: peak, patches, frame, deploy"),
     utils.Arg("settings", str, DEFAULT_SETTINGS, f"settings for the patches ({', '.join(SETTINGS)})"),
     utils.Arg("batch", int, 2, "patches per batch", check=utils.positive),
     utils.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=utils.positive),
@@ -99,6 +116,9 @@ SPEC = [
     utils.Arg("frame_packed", str, "x".join(map(str, FRAME_PACKED)), "the frame's size in packed pixels "
               "(HEIGHTxWIDTH, multiples of 16; the default is a 12 MP photo)"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
+    utils.Arg("deploy", str, ",".join(DEPLOY), f"ways to run for parts=deploy ({', '.join(DEPLOY)})"),
+    utils.Arg("deploy_sizes", str, "448x448,1024x1024", "mosaic sizes for parts=deploy (HEIGHTxWIDTH, "
+              "multiples of 2; 448x448 is one 224x224 packed patch)"),
     utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
               check=utils.positive),
     utils.Arg("json", str, "", "also write the results to this JSON file"),
@@ -245,7 +265,127 @@ def child_frame(args):
             "tmac": macs / 1e12, "peak_rss_mib": peak_rss_mib()}
 
 
-CHILDREN = {"peak": child_peak, "patches": child_patches, "frame": child_frame}
+def deploy_mosaic(height, width):
+    import numpy as np
+
+    return np.random.default_rng(3).integers(0, 1024, (height, width)).astype(np.uint16)
+
+
+def deploy_artefact(folder, way, size):
+    if way == "saved_model":
+        return os.path.join(folder, "saved_model")
+    return os.path.join(folder, f"{way}_{size[0]}x{size[1]}.tflite")
+
+
+def child_deploy_export(args):
+    """Every artefact the deploy runs need, from sane_model()'s weights, float32 output."""
+    import export_model
+
+    model = sane_model()
+    sizes = [tuple(size) for size in args["sizes"]]
+    jobs = [("saved_model", None)] if "saved_model" in args["ways"] else []
+    jobs += [(way, size) for way in args["ways"] if DEPLOY[way][1] for size in sizes]
+    results = []
+    for way, size in jobs:
+        path = deploy_artefact(args["folder"], way, size)
+        precision, quantize = DEPLOY[way][1] or ("fp32", "none")
+        start = time.perf_counter()
+        nbytes = export_model.export(model, 0, 0, "tflite" if size else "saved_model", path, "float", size,
+                                     precision, quantize)
+        results.append({"way": way, "size": size, "bytes": nbytes, "export_s": time.perf_counter() - start})
+    return results
+
+
+def child_deploy_run(args):
+    """One way on one mosaic size: timings, and the output kept for the comparisons."""
+    import numpy as np
+
+    size, way = tuple(args["size"]), args["way"]
+    mosaic = deploy_mosaic(*size)
+    start = time.perf_counter()
+    if way == "render":
+        import test_model
+
+        model = sane_model()
+        run = lambda: test_model.render(model, mosaic, 0)  # noqa: E731
+    else:
+        import export_model
+
+        deployed = export_model.load(deploy_artefact(args["folder"], way, size), threads=os.cpu_count())
+        run = lambda: deployed(mosaic)  # noqa: E731
+    load_s = time.perf_counter() - start
+    output = []
+    first, times = timed(lambda: output.append(run()), args["repeats"])
+    np.save(os.path.join(args["folder"], f"out_{way}_{size[0]}x{size[1]}.npy"), np.clip(output[-1], 0, 1))
+    return {"way": way, "size": size, "load_s": load_s, "first_s": first, "best_s": min(times),
+            "median_s": sorted(times)[len(times) // 2], "peak_rss_mib": peak_rss_mib()}
+
+
+def _sizes(text):
+    sizes = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            height, width = (int(t) for t in item.lower().split("x"))
+        except ValueError:
+            height = width = 0
+        if height <= 0 or width <= 0 or height % 2 or width % 2:
+            raise utils.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024 (multiples of 2)")
+        sizes.append((height, width))
+    if not sizes:
+        raise utils.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024")
+    return sizes
+
+
+def measure_deploy(args, timeout):
+    """The deploy part: export, run each way in its own process, compare the outputs."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    ways, sizes = args["ways"], args["sizes"]
+    folder = tempfile.mkdtemp(prefix="pynet_deploy_")
+    try:
+        exported = spawn("deploy_export", timeout, folder=folder, ways=ways, sizes=sizes)
+        if isinstance(exported, dict):
+            print(f"  export: {exported['error']}")
+            return {"export": exported}
+        for e in exported:
+            where = "any size" if e["size"] is None else f"{e['size'][0]}x{e['size'][1]}"
+            print(f"  exported {e['way']:<15} {where:<10} {e['bytes'] / 2 ** 20:7.1f} MiB  in {e['export_s']:5.1f} s")
+        runs = []
+        for size in sizes:
+            print(f"  mosaic {size[0]}x{size[1]} -> RGB {size[0]}x{size[1]}, level 0:")
+            outputs = {}
+            for way in ways:
+                r = spawn("deploy_run", timeout, folder=folder, way=way, size=size, repeats=args["repeats"])
+                r.setdefault("way", way)
+                r["size"] = size
+                runs.append(r)
+                if "error" in r:
+                    print(f"    {way:<15} {r['error']}")
+                    continue
+                outputs[way] = np.load(os.path.join(folder, f"out_{way}_{size[0]}x{size[1]}.npy"))
+                reference = outputs.get("render")
+                if reference is not None and way != "render":
+                    error = outputs[way].astype(np.float64) - reference
+                    r["max_abs_diff"] = float(np.abs(error).max())
+                    # None: identical
+                    r["psnr_db"] = float(10 * np.log10(1 / np.mean(error ** 2))) if r["max_abs_diff"] else None
+                vs = ""
+                if "max_abs_diff" in r:
+                    vs = "  identical" if r["psnr_db"] is None else \
+                        f"  max |diff| {r['max_abs_diff']:.1e}  PSNR {r['psnr_db']:6.1f} dB"
+                print(f"    {way:<15} {r['best_s']:7.2f} s (median {r['median_s']:.2f}, first {r['first_s']:.2f}, "
+                      f"load {r['load_s']:.1f})  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB{vs}   "
+                      f"({DEPLOY[way][0]})")
+        return {"export": exported, "runs": runs}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+CHILDREN = {"peak": child_peak, "patches": child_patches, "frame": child_frame,
+            "deploy_export": child_deploy_export, "deploy_run": child_deploy_run}
 
 
 def spawn(part, timeout, env=None, **args):
@@ -283,20 +423,30 @@ def machine():
         onednn = f"{'on' if setting == '1' else 'off'} (TF_ENABLE_ONEDNN_OPTS)"
     else:
         onednn = f"{'on' if vnni else 'off'} (TensorFlow's default for this CPU)"
+    try:
+        from importlib.metadata import version
+
+        litert = version("ai-edge-litert")
+    except Exception:  # not installed: the deploy part says so when it runs
+        litert = "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
+            "keras": __import__("keras").__version__, "ai_edge_litert": litert,
             "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
 
 
 def main(argv):
     args = utils.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
-    parts = _names(args["parts"], CHILDREN, "parts")
+    parts = _names(args["parts"], ("peak", "patches", "frame", "deploy"), "parts")
+    deploy = {"ways": _names(args["deploy"], DEPLOY, "deploy"), "sizes": _sizes(args["deploy_sizes"]),
+              "repeats": args["repeats"]}
     settings = _names(args["settings"], SETTINGS, "settings")
     allocators = _names(args["frame_allocator"], ALLOCATORS, "frame_allocator")
     rows = _rows(args["frame_rows"])
     frame = _frame(args["frame_packed"])
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, AVX-512 {'yes' if info['avx512f'] else 'no'}, "
-          f"oneDNN {info['onednn']}, TensorFlow {info['tensorflow']}, "
+          f"oneDNN {info['onednn']}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
+          f"ai-edge-litert {info['ai_edge_litert']}, Python {info['python']}, "
           f"load average {info['load_average'][0]:.2f} at the start (other jobs make rates lower)")
     results = {"machine": info}
     peak = None
@@ -341,6 +491,9 @@ def main(argv):
             share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
             print(f"  {label:<30} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
                   f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
+    if "deploy" in parts:
+        print("\nexported models (export_model.py) against test_model.py's own path, one mosaic at a time:")
+        results["deploy"] = measure_deploy(deploy, args["timeout"])
     results["machine"]["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {results['machine']['load_average_end'][0]:.2f}")
     if args["json"]:
