@@ -160,14 +160,16 @@ def output_path(dng_path: str, output_dir=None) -> str:
 
 
 def collect_inputs(paths) -> list:
-    """Expand folders to their .dng/.DNG files (sorted); check that every path exists."""
+    """Expand folders to their .dng/.DNG files (sorted; dotfiles and temporary files skipped);
+    check that every path exists."""
     if not paths:
         raise utils.UsageError("no DNG file given (usage: python dng_to_png.py photo.dng [more.dng|folder ...])")
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                           if os.path.splitext(n)[1].lower() in DNG_EXTENSIONS and os.path.isfile(os.path.join(path, n)))
+                           if os.path.splitext(n)[1].lower() in DNG_EXTENSIONS and not utils.is_hidden(n)
+                           and os.path.isfile(os.path.join(path, n)))
             if not found:
                 raise utils.UserError(f"{path}: no .dng files in this folder")
             files.extend(found)
@@ -183,11 +185,7 @@ def write_png16(path: str, mosaic) -> None:
     """Single-channel 16-bit PNG, written atomically (as the reference's imageio.imwrite)."""
     import imageio.v3 as iio
 
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with utils.atomic_path(path) as tmp:
-        iio.imwrite(tmp, np.ascontiguousarray(mosaic, dtype=np.uint16), extension=".png")
+    utils.write_file(path, iio.imwrite("<bytes>", np.ascontiguousarray(mosaic, dtype=np.uint16), extension=".png"))
 
 
 def convert(path, output_dir=None, visible=False, rggb=False, normalize=False, crop32=False,
@@ -235,12 +233,16 @@ def main(argv):
                             "python dng_to_png.py photo.dng [more.dng|folder ...] [key=value ...]",
                             positional="files")
     files = collect_inputs(args["files"])
+    if args["output_dir"]:
+        utils.check_output_dir(args["output_dir"], "output_dir")
     targets = {}
     for path in files:
         target = output_path(path, args["output_dir"])
         if target in targets:
             raise utils.UserError(f"{path} and {targets[target]} would both be written to {target}")
         targets[target] = path
+    for folder in sorted({os.path.dirname(t) or "." for t in targets}):
+        utils.remove_stale_temps(folder)
     options = {k: args[k] for k in ("output_dir", "visible", "rggb", "normalize", "crop32", "black_level")}
     if len(files) == 1:
         convert(files[0], **options)

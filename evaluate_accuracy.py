@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+import checkpoints
 import utils
 from utils import Arg, UsageError, UserError
 
@@ -44,7 +45,8 @@ ARGS = [
     Arg("csv", str, "", "also write one line per patch to this CSV file"),
     Arg("use_gpu", utils.BOOL, True, "run on the GPU when there is one"),
     Arg("models_dir", str, "models/", "folder of the trained checkpoints"),
-    Arg("black_level", float, BLACK_LEVEL, "model=baseline: the sensor's black level, in 10-bit code values"),
+    Arg("black_level", float, BLACK_LEVEL, "model=baseline: the sensor's black level, in 10-bit code values",
+        check=lambda v: None if 0 <= v < WHITE_LEVEL else f"a value from 0 to below {WHITE_LEVEL} (10-bit code values)"),
 ]
 
 METRICS = ("psnr", "ssim", "ms_ssim")
@@ -138,20 +140,6 @@ def baseline_isp(packed, black_level=BLACK_LEVEL, white_level=WHITE_LEVEL):
 # ---------------------------------------------------------------------------------------
 # evaluation
 
-def resolve_checkpoint(params) -> str:
-    if params["orig"]:
-        if params["restore_iter"] is not None:
-            raise UsageError("orig=true scores the released weights: leave out restore_iter or give orig=false")
-        return utils.original_checkpoint()
-    level, iteration = params["level"], params["restore_iter"]
-    if iteration is None:
-        iteration = utils.get_last_iter(level, params["models_dir"])
-        if iteration is None:
-            raise UserError(f"no checkpoint pynet_level_{level}_iteration_*.ckpt in {params['models_dir']}: "
-                            f"train level {level} first or score the released weights with orig=true")
-    return utils.checkpoint_prefix(params["models_dir"], level, iteration)
-
-
 def pynet_predictor(model, level: int):
     """A function packed batch -> the level's output, for a PyNET built for ``level`` or lower."""
     import tensorflow as tf
@@ -221,9 +209,10 @@ def main(argv):
     level, baseline = params["level"], params["model"] == "baseline"
     if baseline and level != 0:
         raise UsageError(f"model=baseline renders level 0 (full resolution) only, not level={level}")
-    prefix = None if baseline else resolve_checkpoint(params)
-    if prefix is not None and not os.path.exists(prefix + ".index"):
-        raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")
+    prefix = None if baseline else checkpoints.resolve(params)[0]
+    if params["csv"]:
+        utils.check_output_file(params["csv"], "csv")
+        utils.remove_stale_temps(os.path.dirname(params["csv"]) or ".")
     print(load_dataset.describe_dataset(params["dataset_dir"]))
     indices = load_dataset.check_dataset(params["dataset_dir"], "test", deep=False, verbose=False)
     dataset = load_dataset.test_dataset(params["dataset_dir"], level, params["batch_size"], drop_remainder=False)
@@ -235,10 +224,10 @@ def main(argv):
         from test_model import configure_devices
 
         configure_devices(params["use_gpu"])
-        from model import PyNET, load_checkpoint
+        from model import PyNET
 
         model = PyNET(level=level)
-        load_checkpoint(model, prefix)
+        checkpoints.load_weights(model, prefix)
         print(f"model: {prefix}, level {level}")
         predict = pynet_predictor(model, level)
     scores = evaluate(predict, load_dataset.batches(dataset), total=len(indices))

@@ -114,30 +114,18 @@ def crop_step(level) -> int:
 # ---------------------------------------------------------------------------------------
 # reading one file
 
-def _open_image(path: str, kind: str):
-    """Open and fully decode ``path`` with Pillow; DataError naming the file on any failure."""
-    from PIL import Image
-
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
+def _read(reader, path):
+    """utils' readers, their one-line errors as DataError."""
     try:
-        image = Image.open(path)
-        image.load()
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        reason = str(exc) or exc.__class__.__name__
-        raise DataError(f"{path}: cannot decode the {kind} ({reason}): the file is corrupt or truncated") from None
-    return image
+        return reader(path)
+    except utils.UserError as err:
+        raise DataError(str(err)) from None
 
 
 def read_raw_patch(path: str, size=MOSAIC) -> np.ndarray:
     """A ZRR mosaic PNG as a 2-D uint16 array, checked: single channel, 8- or 16-bit container,
     ``size`` x ``size`` (None: any size), values <= 1023."""
-    image = _open_image(path, "PNG")
-    if image.format != "PNG":
-        raise DataError(f"{path}: expected a PNG file, found {image.format or 'an unknown format'}")
-    if image.mode not in ("L", "I;16", "I;16B", "I;16L"):
-        raise DataError(f"{path}: expected a single-channel 8- or 16-bit Bayer mosaic, found a PNG of mode {image.mode}")
-    raw = np.asarray(image).astype(np.uint16)
+    raw = _read(utils.read_mosaic, path)
     if size is not None and raw.shape != (size, size):
         raise DataError(f"{path}: expected a {size}x{size} mosaic, found {raw.shape[1]}x{raw.shape[0]} (width x height)")
     top = int(raw.max()) if raw.size else 0
@@ -147,15 +135,25 @@ def read_raw_patch(path: str, size=MOSAIC) -> np.ndarray:
 
 
 def read_target_image(path: str, size=MOSAIC) -> np.ndarray:
-    """A DSLR JPEG as a uint8 H x W x 3 array, checked: RGB, ``size`` x ``size`` (None: any size)."""
-    image = _open_image(path, "JPEG")
-    if image.format != "JPEG":
-        raise DataError(f"{path}: expected a JPEG file, found {image.format or 'an unknown format'}")
-    if image.mode != "RGB":
-        raise DataError(f"{path}: expected an RGB JPEG, found mode {image.mode}")
-    if size is not None and image.size != (size, size):
-        raise DataError(f"{path}: expected a {size}x{size} image, found {image.size[0]}x{image.size[1]}")
-    return np.asarray(image)
+    """A DSLR JPEG as a uint8 H x W x 3 array, checked: RGB, ``size`` x ``size`` (None: any size),
+    and decoded strictly: corrupt data is an error, not a warning (utils.read_jpeg)."""
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as image:  # the header only
+            fmt, mode, image_size = image.format, image.mode, image.size
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        reason = str(exc) or exc.__class__.__name__
+        raise DataError(f"{path}: cannot decode the JPEG ({reason}): the file is corrupt or truncated") from None
+    if fmt != "JPEG":
+        raise DataError(f"{path}: expected a JPEG file, found {fmt or 'an unknown format'}")
+    if mode != "RGB":
+        raise DataError(f"{path}: expected an RGB JPEG, found mode {mode}")
+    if size is not None and image_size != (size, size):
+        raise DataError(f"{path}: expected a {size}x{size} image, found {image_size[0]}x{image_size[1]}")
+    return _read(utils.read_jpeg, path)
 
 
 def load_target(path, level, patch_mosaic=MOSAIC) -> np.ndarray:

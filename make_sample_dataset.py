@@ -246,8 +246,10 @@ def build(output_dir, photos=None, train=300, test=60, full=2, full_height=512, 
           noise=True, black_level=BLACK_LEVEL, jpeg_quality=95, progress=True) -> str:
     """Write the sample dataset to ``output_dir`` (built aside, then moved in). Returns the marker path."""
     if full_height % 32 or full_width % 32 or full_height < 32 or full_width < 32:
-        raise utils.UserError(f"full_height={full_height}, full_width={full_width}: expected multiples of 32")
+        raise utils.UsageError(f"full_height={full_height}, full_width={full_width}: expected multiples of 32")
+    utils.check_output_dir(output_dir, "output_dir")
     replacing = _check_output_dir(output_dir) if os.path.isdir(output_dir) else False
+    utils.remove_stale_temps(output_dir)
     photos = default_photos() if photos is None else photos
     train_photos, test_photos = split_photos(photos)
     rs = np.random.RandomState(seed)
@@ -298,14 +300,18 @@ def _count_check(minimum):
     return lambda value: None if value >= minimum else f"a value of {minimum} or more"
 
 
+def _multiple_of_32(value):
+    return None if value >= 32 and value % 32 == 0 else "a multiple of 32 (32 or more)"
+
+
 SPEC = [
     utils.Arg("output_dir", str, "raw_images/", "where to write the dataset (refused if it holds a real one)"),
     utils.Arg("photos_dir", str, None, "folder of your own JPEG/PNG photos; none = scikit-image's sample photos"),
     utils.Arg("train", int, 300, "number of training patches", check=_count_check(1)),
     utils.Arg("test", int, 60, "number of test patches", check=_count_check(1)),
     utils.Arg("full", int, 2, "number of full-resolution test mosaics", check=_count_check(0)),
-    utils.Arg("full_height", int, 512, "height of the full-resolution mosaics (multiple of 32)", check=_count_check(32)),
-    utils.Arg("full_width", int, 768, "width of the full-resolution mosaics (multiple of 32)", check=_count_check(32)),
+    utils.Arg("full_height", int, 512, "height of the full-resolution mosaics (multiple of 32)", check=_multiple_of_32),
+    utils.Arg("full_width", int, 768, "width of the full-resolution mosaics (multiple of 32)", check=_multiple_of_32),
     utils.Arg("seed", int, 0, "random seed"),
     utils.Arg("noise", utils.BOOL, True, "add shot and read noise to the mosaics"),
     utils.Arg("black_level", int, BLACK_LEVEL, "black level of the 10-bit code values",

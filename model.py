@@ -346,50 +346,61 @@ def tf1_variables(model):
     return entries
 
 
-def _open_checkpoint(prefix: str):
-    if not os.path.exists(prefix + ".index"):
-        raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")
-    try:
-        return tf.train.load_checkpoint(prefix)
-    except (tf.errors.OpError, ValueError) as exc:
-        raise UserError(f"{prefix}: cannot read the checkpoint ({exc.__class__.__name__})") from None
-
-
 def load_checkpoint(model, prefix: str) -> None:
     """Load a checkpoint with the reference's keys (the released TF1 weights or our own) into
-    ``model``, checking every key and shape before anything is assigned."""
-    reader = _open_checkpoint(prefix)
-    shapes = reader.get_variable_to_shape_map()
-    values = []
-    for key, var, label in tf1_variables(model):
-        if key not in shapes:
+    ``model``. The whole checkpoint is read and verified first (checkpoints.read_verified:
+    every tensor readable, finite) and every key, dtype and shape checked against the model,
+    before anything is assigned."""
+    import checkpoints
+
+    entries = tf1_variables(model)
+    values = checkpoints.read_verified(prefix, labels={key: label for key, _, label in entries})
+    for key, var, label in entries:
+        if key not in values:
             raise UserError(f"{prefix}: key {key} ({label}, shape {list(var.shape)}) is missing from the checkpoint")
-        if list(shapes[key]) != list(var.shape):
-            raise UserError(f"{prefix}: {key} ({label}) has shape {list(shapes[key])}, expected {list(var.shape)}")
-        values.append((var, reader.get_tensor(key)))
-    for var, value in values:
-        var.assign(value)
+        value = values[key]
+        if list(value.shape) != list(var.shape):
+            raise UserError(f"{prefix}: {key} ({label}) has shape {list(value.shape)}, expected {list(var.shape)}")
+        if value.dtype != np.dtype(var.dtype):
+            raise UserError(f"{prefix}: {key} ({label}) has dtype {value.dtype}, expected {var.dtype}")
+    for key, var, _ in entries:
+        var.assign(values[key])
+
+
+def check_finite(model, prefix: str) -> None:
+    """NonFiniteWeights (naming ``prefix``, which is then not written) if a weight is NaN or Inf."""
+    import checkpoints
+
+    bad = checkpoints.nonfinite_count(model.weights)
+    if bad:
+        raise checkpoints.NonFiniteWeights(f"{prefix}: not written: the weights hold {bad} NaN or Inf values",
+                                           count=bad)
 
 
 def save_checkpoint(model, prefix: str) -> None:
     """Write all variables of a full PyNET under the reference's keys, as a TF V2 checkpoint
     (``prefix.index`` + ``prefix.data-00000-of-00001``) that TF1's Saver can restore too.
 
-    Written under a temporary prefix and renamed, the index last: a crash never leaves a
-    checkpoint that looks complete but is not.
+    Weights with NaN or Inf are refused. Written under a temporary prefix and renamed, the
+    index last: a crash never leaves a checkpoint that looks complete but is not, and a
+    failed write (a full disk) leaves nothing (checkpoints.all_or_nothing).
     """
+    import checkpoints
+
     entries = tf1_variables(model)
     if len(entries) != TF1_VARIABLE_COUNT:
         raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
+    check_finite(model, prefix)
     folder = os.path.dirname(prefix)
     if folder:
         os.makedirs(folder, exist_ok=True)
     tmp_prefix = f"{prefix}.tmp{os.getpid()}"
-    tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=[key for key, _, _ in entries],
-                      shape_and_slices=[""] * len(entries), tensors=[var.value for _, var, _ in entries])
-    data = ".data-00000-of-00001"
-    os.replace(tmp_prefix + data, prefix + data)
-    os.replace(tmp_prefix + ".index", prefix + ".index")
+    with checkpoints.all_or_nothing(prefix):
+        tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=[key for key, _, _ in entries],
+                          shape_and_slices=[""] * len(entries), tensors=[var.value for _, var, _ in entries])
+        data = ".data-00000-of-00001"
+        os.replace(tmp_prefix + data, prefix + data)
+        os.replace(tmp_prefix + ".index", prefix + ".index")
 
 
 def pad_to_multiple(packed, multiple=16):

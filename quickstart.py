@@ -8,7 +8,7 @@
 3. renders the sample's full-resolution mosaic at level 0 (test_model.py),
 4. reports PSNR / MS-SSIM on the sample's test split (evaluate_accuracy.py),
 and prints where everything went. Each step prints the equivalent command line of the script it
-runs. Checkpoints go to models/quickstart/, away from real runs.
+runs. Checkpoints go to models/quickstart/, away from real runs; running it again replaces them.
 """
 
 import os
@@ -46,7 +46,7 @@ def train_argv(params, level: int, vgg_dir: str) -> list:
             f"batch_size={params['batch_size']}", f"train_size={params['train']}",
             f"eval_batch_size={min(params['batch_size'], params['test'])}",
             f"num_train_iters={params['iters']}", f"eval_step={params['iters']}", f"vgg_dir={vgg_dir}",
-            "progress=false"]
+            "progress=false", "overwrite=true"]
 
 
 def render_argv(params) -> list:

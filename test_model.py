@@ -7,7 +7,9 @@
     python test_model.py model=exported/pynet_level_0 input=shot.png   # an export_model.py artefact
 
 Reads every PNG mosaic in {dataset_dir}/test/huawei_full_resolution/ (or the files and
-folders of input=) and writes {output_dir}/{name}_level_{L}_iteration_{I}.png.
+folders of input=) and writes {output_dir}/{name}_level_{L}_iteration_{I}.png. A mosaic that
+cannot be rendered (not a PNG mosaic, too small, values above 10 bits...) is reported and the
+others are rendered; the run then ends with an error naming how many failed.
 
 Any mosaic size works. Memory stays bounded: the instance-normalised levels 2 to 5 run on
 the whole frame, levels 1 and 0 (no instance norm) in strips of tile_size packed rows, with
@@ -19,6 +21,7 @@ import sys
 
 import numpy as np
 
+import checkpoints
 import utils
 from utils import Arg, UserError
 
@@ -36,6 +39,9 @@ REFERENCE_CROP = (1472, 1984)
 WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
+# The smallest mosaic rendered: one 16x16 packed block, the network's smallest input (one
+# output pixel at level 5).
+MIN_MOSAIC = 32
 
 
 def _default_input(values):
@@ -68,6 +74,8 @@ ARGS = [
         "none = the whole mosaic", choices=("none", "reference")),
     Arg("model", str, "none", "an exported SavedModel folder or .tflite file (export_model.py) to render with "
         "instead of a checkpoint (level, orig, restore_iter, tile_size are then its own); none = a checkpoint"),
+    Arg("range_check", utils.BOOL, True, "refuse mosaics with values above 1023 (PyNET's input is the P20's "
+        "10-bit range); false = render them anyway"),
 ]
 
 
@@ -81,23 +89,15 @@ def configure_devices(use_gpu: bool) -> None:
 
 def resolve_checkpoint(params) -> tuple:
     """(checkpoint prefix, iteration label for file names) for the chosen weights."""
-    if params["orig"]:
-        return utils.original_checkpoint(), "None"
-    level, iteration = params["level"], params["restore_iter"]
-    if iteration is None:
-        iteration = utils.get_last_iter(level, params["models_dir"])
-        if iteration is None:
-            raise UserError(f"no checkpoint pynet_level_{level}_iteration_*.ckpt in {params['models_dir']}: "
-                            f"train level {level} first (python train_model.py level={level}) "
-                            f"or use the released weights with orig=true")
-    return utils.checkpoint_prefix(params["models_dir"], level, iteration), str(iteration)
+    return checkpoints.resolve(params)
 
 
 def list_mosaics(folder: str) -> list:
-    """The PNG files of ``folder``, sorted by name."""
+    """The PNG files of ``folder``, sorted by name; dotfiles and writers' temporary files are
+    not inputs."""
     if not os.path.isdir(folder):
         raise UserError(f"{folder}: folder not found (expected the full-resolution PNG mosaics there)")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png"))
+    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png") and not utils.is_hidden(f))
     if not files:
         raise UserError(f"{folder}: no PNG mosaics found")
     return [os.path.join(folder, f) for f in files]
@@ -123,10 +123,10 @@ def list_inputs(spec: str) -> list:
 
 
 def load_model(level: int, prefix: str):
-    from model import PyNET, load_checkpoint
+    from model import PyNET
 
     model = PyNET(level=level)
-    load_checkpoint(model, prefix)
+    checkpoints.load_weights(model, prefix)
     return model
 
 
@@ -138,6 +138,38 @@ def crop_mosaic(mosaic, crop: str = "none"):
             raise UserError(f"crop=reference needs a mosaic of at least {height}x{width}, "
                             f"this one is {mosaic.shape[0]}x{mosaic.shape[1]} (use crop=none)")
         mosaic = mosaic[:height, :width]
+    return mosaic
+
+
+def check_mosaic_file(path: str) -> dict:
+    """The cheap checks of an input, from its PNG header alone (before the model is loaded): a
+    single-channel PNG of at least MIN_MOSAIC x MIN_MOSAIC. Returns the header."""
+    header = utils.mosaic_header(path)
+    width, height = header["width"], header["height"]
+    if width < MIN_MOSAIC or height < MIN_MOSAIC:
+        raise UserError(f"{path}: a {width}x{height} mosaic is too small: at least {MIN_MOSAIC}x{MIN_MOSAIC} "
+                        f"(the network's smallest input, 16x16 packed pixels)")
+    return header
+
+
+def read_checked_mosaic(path: str, range_check: bool = True, log=print):
+    """The mosaic of ``path`` (utils.read_mosaic), refused above 10 bits unless ``range_check``
+    is off; an odd height or width is said to lose its last row or column."""
+    from load_dataset import MAX_RAW_VALUE
+
+    mosaic = utils.read_mosaic(path)
+    top = int(mosaic.max()) if mosaic.size else 0
+    if top > MAX_RAW_VALUE:
+        text = (f"{path}: values up to {top} exceed the 10-bit range (<= {MAX_RAW_VALUE}) of the mosaics PyNET "
+                f"is trained on")
+        if range_check:
+            raise UserError(f"{text}: scale it to 10 bits (dng_to_png.py normalize=true), or render it anyway "
+                            f"with range_check=false")
+        print(f"warning: {text}; rendering it anyway (range_check=false)", file=sys.stderr)
+    odd = [what for what, size in (("row", mosaic.shape[0]), ("column", mosaic.shape[1])) if size % 2]
+    if odd:
+        log(f"note: {path}: {mosaic.shape[1]}x{mosaic.shape[0]} mosaic: its last {' and last '.join(odd)} "
+            f"{'are' if len(odd) == 2 else 'is'} dropped (the 2x2 Bayer packing needs even sizes)")
     return mosaic
 
 
@@ -230,18 +262,27 @@ def output_rows(mosaic_shape, level: int, crop: str = "none") -> int:
     return int(packed_height * 2.0 / 2 ** level)
 
 
-def render_files(model, files, params, iteration) -> list:
-    """Render and write every mosaic of ``files`` with progress bars (on a terminal);
-    returns the written paths."""
+def render_files(model, files, params, iteration, failed=None) -> list:
+    """Render and write every mosaic of ``files`` with progress bars (on a terminal); returns
+    the written paths. A mosaic that cannot be rendered is reported as a warning and appended
+    to ``failed`` (a list), and the others are rendered; without ``failed`` it stops the run."""
     from tqdm import tqdm
 
     written = []
     with tqdm(total=len(files), desc="photos", unit="photo", disable=None) as bar:
         for path in files:
-            mosaic = utils.read_mosaic(path)
-            total = output_rows(mosaic.shape, params["level"], params["crop"])
-            with tqdm(total=total, desc=os.path.basename(path), unit="row", leave=False, disable=None) as rows:
-                image = render(model, mosaic, params["level"], params["tile_size"], params["crop"], rows.update)
+            try:
+                mosaic = read_checked_mosaic(path, params.get("range_check", True), log=bar.write)
+                total = output_rows(mosaic.shape, params["level"], params["crop"])
+                with tqdm(total=total, desc=os.path.basename(path), unit="row", leave=False, disable=None) as rows:
+                    image = render(model, mosaic, params["level"], params["tile_size"], params["crop"], rows.update)
+            except UserError as err:
+                if failed is None:
+                    raise
+                failed.append(path)
+                bar.write(f"warning: {err}", file=sys.stderr)
+                bar.update(1)
+                continue
             target = output_path(params["output_dir"], path, params["level"], iteration)
             utils.write_png(target, utils.to_uint(image, params["bits"], params["stretch"]))
             written.append(target)
@@ -250,23 +291,47 @@ def render_files(model, files, params, iteration) -> list:
     return written
 
 
+def checked_inputs(files, failed) -> list:
+    """The inputs that pass check_mosaic_file; the others reported and appended to ``failed``
+    (a single input's problem is its own error)."""
+    good = []
+    for path in files:
+        try:
+            check_mosaic_file(path)
+        except UserError as err:
+            if len(files) == 1:
+                raise
+            failed.append(path)
+            print(f"warning: {err}", file=sys.stderr)
+            continue
+        good.append(path)
+    return good
+
+
 def main(argv):
     params = utils.parse_args(argv, ARGS, "test_model.py", __doc__.strip().splitlines()[0])
     files = list_inputs(params["input"])
-    if params["model"] != "none":
-        import export_model
-
+    utils.check_output_dir(params["output_dir"], "output_dir")
+    deployed = params["model"] != "none"
+    prefix, iteration = (None, None) if deployed else resolve_checkpoint(params)
+    failed = []
+    good = checked_inputs(files, failed)
+    if good:
+        utils.remove_stale_temps(params["output_dir"])
+        utils.select_cpu_kernels(training=False)
         configure_devices(params["use_gpu"])
-        deployed = export_model.load_for_rendering(params["model"], params["bits"], params["stretch"])
-        render_files(deployed, files, {**params, "level": deployed.level}, deployed.iteration)
-        return
-    prefix, iteration = resolve_checkpoint(params)
-    if not os.path.exists(prefix + ".index"):
-        raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")
-    utils.select_cpu_kernels(training=False)
-    configure_devices(params["use_gpu"])
-    model = load_model(params["level"], prefix)
-    render_files(model, files, params, iteration)
+        if deployed:
+            import export_model
+
+            model = export_model.load_for_rendering(params["model"], params["bits"], params["stretch"])
+            params, iteration = {**params, "level": model.level}, model.iteration
+        else:
+            model = load_model(params["level"], prefix)
+        render_files(model, good, params, iteration, failed if len(files) > 1 else None)
+    if failed:
+        first = next(p for p in files if p in failed)
+        raise UserError(f"{len(failed)} of {len(files)} mosaics could not be rendered (first: {first}; "
+                        f"see the warnings above)")
 
 
 def bound_memory():

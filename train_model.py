@@ -28,12 +28,13 @@ import time
 
 import numpy as np
 
+import checkpoints
 import utils
 from utils import Arg, UsageError, UserError
 
 STRATEGIES = ("auto", "one", "mirrored", "multi_worker")
 NUM_VISUAL = 4  # visual results saved per evaluation, as the reference
-STATE_SUFFIX = ".train_state"  # optimizer state + iteration, beside the model checkpoint
+STATE_SUFFIX = checkpoints.STATE_SUFFIX  # optimizer state + iteration, beside the model checkpoint
 
 
 def _default_iters(values):
@@ -78,6 +79,8 @@ SPEC = [
         "batch_size)", check=utils.positive),
     Arg("resume", utils.BOOL, False, "continue this level from its latest checkpoint, with the optimizer state "
         "and iteration count (starts the level normally when there is none)"),
+    Arg("overwrite", utils.BOOL, False, "when models_dir already holds checkpoints of this level from an earlier "
+        "run and this one starts afresh: delete them (and the level's TensorBoard summaries) instead of stopping"),
     Arg("strategy", str, "auto", "tf.distribute strategy: auto = mirrored over all GPUs when there are several, "
         "multi_worker when TF_CONFIG names several tasks, else one device", choices=STRATEGIES),
     Arg("devices", str, "", "comma-separated devices for strategy=mirrored (default: all GPUs)"),
@@ -207,14 +210,8 @@ def state_prefix(model_prefix: str) -> str:
 
 def resumable_iterations(models_dir, level):
     """Iterations of ``level`` that have both the model checkpoint and the training state."""
-    found = []
-    if os.path.isdir(models_dir):
-        for name in os.listdir(models_dir):
-            prefix = os.path.join(models_dir, name[: -len(".ckpt.index")] + ".ckpt")
-            if name.startswith(f"pynet_level_{level}_iteration_") and name.endswith(".ckpt.index"):
-                if os.path.exists(state_prefix(prefix) + ".index"):
-                    found.append(int(name[len(f"pynet_level_{level}_iteration_"): -len(".ckpt.index")]))
-    return sorted(found)
+    states = set(utils.checkpoint_iterations(level, models_dir, STATE_SUFFIX))
+    return [i for i in utils.checkpoint_iterations(level, models_dir) if i in states]
 
 
 def find_start(args, log=print) -> Start:
@@ -230,6 +227,7 @@ def find_start(args, log=print) -> Start:
             return Start("resume", utils.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
         log(f"note: resume=true but no level-{level} checkpoint with training state in {models_dir}: "
             f"starting level {level} from the beginning")
+    checkpoints.check_fresh_start(models_dir, level, args.get("overwrite", False))
     if level == 5:
         return Start("scratch")
     upper = level + 1
@@ -492,12 +490,8 @@ def restore_state(optimizer, counters, prefix):
 
     path = state_prefix(prefix)
     variables = state_variables(optimizer, counters)
-    try:
-        reader = tf.train.load_checkpoint(path)
-    except (tf.errors.OpError, ValueError):
-        raise UserError(f"{path}: cannot read the training state") from None
-    stored = {k.split("/")[0]: v for k, v in reader.get_variable_to_shape_map().items()
-              if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
+    values = checkpoints.read_verified(path)  # every tensor readable and finite, or one line naming the file
+    stored = {k.split("/")[0]: v.shape for k, v in values.items() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
     for name, var in variables.items():
         if name not in stored or list(stored[name]) != list(var.shape):
             raise UserError(f"{path}: the training state does not match this run ({name}); it was written for "
@@ -510,11 +504,14 @@ def restore_state(optimizer, counters, prefix):
 
 def save_training_checkpoint(model, optimizer, counters, prefix):
     """Training state first, then the model checkpoint (the reference's keys, all 437 variables),
-    each written under a temporary name and renamed."""
+    each written under a temporary name and renamed. Non-finite weights are refused before
+    anything is written; a failed write (a full disk) leaves neither (checkpoints.all_or_nothing)."""
     import model as pynet
 
-    save_state(optimizer, counters, prefix)
-    pynet.save_checkpoint(model, prefix)
+    pynet.check_finite(model, prefix)
+    with checkpoints.all_or_nothing(prefix):
+        save_state(optimizer, counters, prefix)
+        pynet.save_checkpoint(model, prefix)
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,7 +630,9 @@ class Trainer:
         import losses
         import vgg as vgg_module
 
-        # cheap checks first: the VGG file, the checkpoint to start from, the data
+        # cheap checks first: the output folders, the VGG file, the checkpoint to start from, the data
+        for name in ("models_dir", "results_dir"):
+            utils.check_output_dir(args[name], name)
         needs_vgg = losses.uses_content(self.level)
         if needs_vgg and args["vgg_dir"].lower() == "none":
             out(NO_VGG_WARNING.format(level=self.level))
@@ -669,10 +668,13 @@ class Trainer:
         import model as pynet
 
         start = self.start
-        if start.kind in ("handover", "resume"):
-            pynet.load_checkpoint(self.model, start.prefix)
+        self.last_good = start.prefix if start.kind == "resume" else None  # a checkpoint with finite weights
+        with checkpoints.naming_intact(start.prefix or "", resume=start.kind == "resume"):
+            if start.kind in ("handover", "resume"):
+                pynet.load_checkpoint(self.model, start.prefix)
+            if start.kind == "resume":
+                restore_state(self.optimizer, self.counters, start.prefix)
         if start.kind == "resume":
-            restore_state(self.optimizer, self.counters, start.prefix)
             base_optimizer(self.optimizer).learning_rate = self.args["learning_rate"]
             if int(self.counters["iteration"].numpy()) != start.iteration:
                 raise UserError(f"{state_prefix(start.prefix)}: holds iteration "
@@ -719,6 +721,7 @@ class Trainer:
         last_iter = args["num_train_iters"]
         first = int(self.counters["iteration"].numpy()) + 1  # 0, or the step after the resumed one
         if self.chief:
+            checkpoints.prepare_folders(args, self.start.kind, log=self.out)
             os.makedirs(models_dir, exist_ok=True)
             os.makedirs(args["results_dir"], exist_ok=True)
             # The reference truncates logs.txt at the start of every run; resuming appends.
@@ -756,9 +759,7 @@ class Trainer:
                 step_total += time.perf_counter() - t0
                 wait_total += waited
                 if not np.isfinite(loss):
-                    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                    raise UserError(f"the training loss became {loss} at iteration {i} of level {level}: stopping "
-                                    f"without saving ({where}); try a lower learning_rate")
+                    raise self.nonfinite_stop(f"the training loss became {loss}", i)
                 self.counters["iteration"].assign(i)
                 self.counters["loss_sum"].assign_add(loss)
                 self.counters["loss_count"].assign_add(1)
@@ -792,6 +793,8 @@ class Trainer:
         training = float(self.counters["loss_sum"].numpy()) / max(count, 1)
         line = format_log(i, training, metrics)
         bar.write(line) if bar is not None and not bar.disable else self.out(line)
+        if not np.isfinite(metrics["loss"]):
+            raise self.nonfinite_stop(f"the test loss became {metrics['loss']}", i)
         self.counters["loss_sum"].assign(0.0)
         self.counters["loss_count"].assign(0)
         if not self.chief:
@@ -810,8 +813,19 @@ class Trainer:
     def save(self, i):
         prefix = utils.checkpoint_prefix(self.args["models_dir"], self.level, i)
         if self.chief:
-            save_training_checkpoint(self.model, self.optimizer, self.counters, prefix)
+            try:
+                save_training_checkpoint(self.model, self.optimizer, self.counters, prefix)
+            except checkpoints.NonFiniteWeights as err:
+                raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
+        self.last_good = prefix
         return prefix
+
+    def nonfinite_stop(self, what, i):
+        """The one-line error that stops a run gone non-finite; only a checkpoint with finite
+        weights is named as good (see save_checkpoint)."""
+        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+        return UserError(f"{what} at iteration {i} of level {self.level}: stopping without saving ({where}); "
+                         f"try a lower learning_rate")
 
 
 # ---------------------------------------------------------------------------------------

@@ -57,6 +57,14 @@ def run(main: Callable[[list], Any], argv=None) -> int:
         # stdout is pointed at /dev/null so that Python's exit-time flush does not fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:
+        # the file system refused (a full disk, no permission...): the writers have removed
+        # their temporary files, so one line says what and where
+        if err.errno is None:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -211,16 +219,64 @@ def checkpoint_prefix(models_dir: str, level: int, iteration) -> str:
     return os.path.join(models_dir, f"pynet_level_{level}_iteration_{iteration}.ckpt")
 
 
-def get_last_iter(level: int, models_dir: str = "models/"):
-    """Largest iteration of a complete ``pynet_level_{level}_iteration_{i}.ckpt`` in ``models_dir``, or None."""
-    pattern = re.compile(rf"^pynet_level_{level}_iteration_(\d+)\.ckpt\.index$")
+_CHECKPOINT_NAME = re.compile(r"^pynet_level_(\d+)_iteration_(\d+)\.ckpt$")
+
+
+def parse_checkpoint_prefix(prefix: str):
+    """(level, iteration) of a prefix named ``pynet_level_{L}_iteration_{I}.ckpt``, or None."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(prefix))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def checkpoint_iterations(level: int, models_dir: str = "models/", suffix: str = "") -> list:
+    """Sorted iterations of the complete ``pynet_level_{level}_iteration_{i}.ckpt{suffix}`` checkpoints
+    (those with an ``.index``) in ``models_dir``."""
     found = []
     if os.path.isdir(models_dir):
         for name in os.listdir(models_dir):
-            match = pattern.match(name)
-            if match:
-                found.append(int(match.group(1)))
-    return max(found) if found else None
+            if name.endswith(suffix + ".index"):
+                parsed = parse_checkpoint_prefix(name[: -len(suffix + ".index")])
+                if parsed is not None and parsed[0] == level:
+                    found.append(parsed[1])
+    return sorted(found)
+
+
+def get_last_iter(level: int, models_dir: str = "models/"):
+    """Largest iteration of a complete ``pynet_level_{level}_iteration_{i}.ckpt`` in ``models_dir``, or None."""
+    found = checkpoint_iterations(level, models_dir)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------------
+# output paths, checked before the work starts
+
+def _first_existing(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _check_writable_below(path: str, name: str, given: str, what: str) -> None:
+    existing = _first_existing(path)
+    if not os.path.isdir(existing):
+        raise UserError(f"{name}={given}: cannot {what}, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{name}={given}: cannot {what}, {existing} is not writable")
+
+
+def check_output_dir(path: str, name: str) -> None:
+    """UserError unless ``path`` is a folder or can be made one (argument ``name``)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{name}={path}: is a file, not a folder")
+    _check_writable_below(path, name, path, "make this folder")
+
+
+def check_output_file(path: str, name: str) -> None:
+    """UserError unless ``path`` can be written as a file (argument ``name``)."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise UserError(f"{name}={path}: is a folder, expected a file name")
+    _check_writable_below(os.path.dirname(os.path.abspath(path)), name, path, "write there")
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,30 +295,181 @@ def atomic_path(path: str):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:  # a full disk...: said of the file the user asked for
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, path) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+# Temporary names of this project's writers, with the writer's process id: atomic_path's
+# ".{stem}.tmp{pid}{ext}", the checkpoints' "{prefix}.tmp{pid}.*" and TensorFlow's
+# "{prefix}.tmp{pid}_temp/" beside them, make_sample_dataset's ".building-{pid}/".
+_TEMP_NAME = re.compile(r"^(?:\..+\.tmp(?P<a>\d+)(?:\.\w+)?"
+                        r"|pynet_level_\d+_iteration_\d+\.ckpt(?:\.train_state)?\.tmp(?P<b>\d+)(?:\..+|_temp)"
+                        r"|\.building-(?P<c>\d+))$")
+
+
+def temp_owner(name: str):
+    """Process id in a temporary name of this project's writers, or None for other names."""
+    match = _TEMP_NAME.match(name)
+    return int(next(g for g in match.groups() if g)) if match else None
+
+
+def is_hidden(name: str) -> bool:
+    """A dotfile or a writer's temporary file: never taken as an input."""
+    return name.startswith(".") or temp_owner(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str) -> list:
+    """Remove the temporary files and folders that writers of this project left in ``folder``
+    when they were killed (their process is gone); returns the names removed."""
+    import shutil
+
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in sorted(os.listdir(folder)):
+        pid = temp_owner(name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    if removed:
+        print(f"note: removed {len(removed)} temporary file(s) left in {folder} by an interrupted run "
+              f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})", file=sys.stderr)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------
 # image files
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")  # a DNG is a TIFF
+_PNG_COLOUR_TYPES = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale+alpha", 6: "RGBA"}
+
+
+def _not_png(path: str, head: bytes) -> str:
+    if path.lower().endswith(".dng") or head[:4] in _TIFF_SIGNATURES:
+        return (f"{path}: a DNG/TIFF raw file, not a PNG mosaic: convert it first with "
+                f"python dng_to_png.py {path} (see its help for rggb= and normalize=)")
+    return f"{path}: not a PNG file (expected a single-channel PNG Bayer mosaic)"
+
+
+def png_header(path: str, data: bytes = None) -> dict:
+    """Width, height, bit depth and colour type of a PNG from its IHDR chunk, without decoding;
+    a one-line UserError for a missing file, a DNG (pointing to dng_to_png.py) or anything not a PNG."""
+    import struct
+
+    if data is None:
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: file not found")
+        with open(path, "rb") as handle:
+            data = handle.read(33)
+    if data[:8] != PNG_SIGNATURE:
+        raise UserError(_not_png(path, data[:8]))
+    if len(data) < 33 or data[12:16] != b"IHDR":
+        raise UserError(f"{path}: cannot read the PNG (no IHDR header): the file is corrupt or truncated")
+    width, height, bits, colour = struct.unpack(">IIBB", data[16:26])
+    return {"width": width, "height": height, "bits": bits, "colour": colour,
+            "kind": _PNG_COLOUR_TYPES.get(colour, f"colour type {colour}")}
+
+
+def mosaic_header(path: str, data: bytes = None) -> dict:
+    """png_header, refusing anything but a single-channel 8- or 16-bit PNG."""
+    header = png_header(path, data)
+    if header["colour"] != 0 or header["bits"] not in (8, 16):
+        raise UserError(f"{path}: expected a single-channel Bayer mosaic (8- or 16-bit greyscale PNG), found a "
+                        f"PNG of type {header['kind']}, {header['bits']}-bit")
+    return header
+
+
+def _check_png_chunks(path: str, data: bytes) -> None:
+    """Every chunk's CRC, up to IEND: corrupt data that a decoder might let through is refused."""
+    import struct
+    import zlib
+
+    pos = 8
+    while True:
+        if pos + 12 > len(data):
+            raise UserError(f"{path}: cannot read the PNG (it ends before its IEND chunk): the file is truncated")
+        length, kind = struct.unpack(">I4s", data[pos: pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            raise UserError(f"{path}: cannot read the PNG (chunk {kind!r} at byte {pos} runs past the end of the file): "
+                            f"the file is truncated")
+        (crc,) = struct.unpack(">I", data[end - 4: end])
+        if zlib.crc32(data[pos + 4: end - 4]) != crc:
+            raise UserError(f"{path}: cannot read the PNG (chunk {kind.decode('latin-1')!r} at byte {pos} fails its "
+                            f"CRC check): the file is corrupt")
+        if kind == b"IEND":
+            return
+        pos = end
+
+
 def read_mosaic(path: str):
-    """Read a single-channel Bayer mosaic PNG (8- or 16-bit container) as a 2-D uint16 array."""
-    import imageio.v3 as iio
+    """Read a single-channel Bayer mosaic PNG (8- or 16-bit container) as a 2-D uint16 array.
+
+    One reader for every script: the PNG signature, header and every chunk's CRC are checked
+    before Pillow decodes it, each failure a one-line UserError naming the file."""
+    import io
+
     import numpy as np
+    from PIL import Image
 
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    mosaic_header(path, data)
+    _check_png_chunks(path, data)
     try:
-        raw = iio.imread(path)
-    except Exception as exc:  # imageio raises many types for corrupt files
-        raise UserError(f"{path}: cannot read the PNG ({exc.__class__.__name__}: {exc})") from None
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            image.load()
+            raw = np.asarray(image)
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        reason = str(exc) or exc.__class__.__name__
+        raise UserError(f"{path}: cannot read the PNG ({reason}): the file is corrupt or truncated") from None
     if raw.ndim != 2:
         raise UserError(f"{path}: expected a single-channel Bayer mosaic, found an image of shape {raw.shape}")
-    if raw.dtype not in (np.uint8, np.uint16):
-        raise UserError(f"{path}: expected an 8- or 16-bit PNG, found {raw.dtype}")
     return raw.astype(np.uint16)
+
+
+def read_jpeg(path: str):
+    """Decode a JPEG strictly, as H x W x 3 uint8 RGB (the same pixels as Pillow's decoder).
+
+    Pillow and TensorFlow decode a JPEG whose data are corrupt with at most a warning on
+    stderr; libjpeg-turbo through simplejpeg with ``strict=True`` refuses it, naming the file."""
+    import simplejpeg
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
+    except ValueError as exc:
+        reason = str(exc).strip() or exc.__class__.__name__
+        raise UserError(f"{path}: cannot decode the JPEG ({reason}): the file is corrupt or truncated") from None
 
 
 def to_uint(image, bits: int = 8, stretch: bool = False):
@@ -279,6 +486,18 @@ def to_uint(image, bits: int = 8, stretch: bool = False):
     return np.floor(np.clip(image, 0.0, 1.0) * top + 0.5).astype(np.uint8 if bits == 8 else np.uint16)
 
 
+def write_file(path: str, data: bytes) -> None:
+    """Write encoded bytes to ``path`` atomically, making its folder; encoders run before this,
+    in memory, so that a failed write (a full disk) is one OSError naming ``path`` and leaves
+    nothing behind (no temporary file, no half-closed handle of a library)."""
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+
 def write_png(path: str, image) -> None:
     """Write an HxW or HxWxC uint8/uint16 array as PNG, atomically.
 
@@ -290,24 +509,20 @@ def write_png(path: str, image) -> None:
     image = np.asarray(image)
     if image.ndim == 2:
         image = image[..., None]
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    data = tf.io.encode_png(image).numpy()
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+    if not image.size:
+        raise UserError(f"{path}: not written: the image is empty ({image.shape[1]}x{image.shape[0]})")
+    write_file(path, tf.io.encode_png(image).numpy())
 
 
 def write_jpeg(path: str, image, quality: int = 95) -> None:
     """Write an HxWx3 uint8 array as JPEG, atomically."""
+    import io
+
     from PIL import Image
 
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="JPEG", quality=quality)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    write_file(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------

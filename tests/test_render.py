@@ -258,11 +258,19 @@ def test_missing_checkpoint_and_folder_are_one_line_errors(tmp_path):
     assert result.returncode == 2 and "tile_size=-1" in result.stderr
 
 
-def test_output_names_follow_the_reference():
+def test_output_names_follow_the_reference(tmp_path):
     assert test_model.output_path("results/full-resolution/", "x/0.png", 0, "None") == \
         "results/full-resolution/0_level_0_iteration_None.png"
-    params = {"orig": False, "level": 2, "restore_iter": 20000, "models_dir": "models/"}
-    assert test_model.resolve_checkpoint(params) == ("models/pynet_level_2_iteration_20000.ckpt", "20000")
+    models = f"{tmp_path}/models/"
+    os.makedirs(models)
+    for i in (5000, 20000):
+        open(f"{models}pynet_level_2_iteration_{i}.ckpt.index", "wb").close()
+    params = {"orig": False, "level": 2, "restore_iter": 5000, "models_dir": models}
+    assert test_model.resolve_checkpoint(params) == (f"{models}pynet_level_2_iteration_5000.ckpt", "5000")
+    assert test_model.resolve_checkpoint({**params, "restore_iter": None})[1] == "20000"  # the latest
+    with pytest.raises(UserError, match=r"iteration_7\.ckpt: no checkpoint there \(restore_iter=7\); the latest "
+                                        r"level-2 one is iteration 20000"):
+        test_model.resolve_checkpoint({**params, "restore_iter": 7})
     with pytest.raises(UserError):
         test_model.resolve_checkpoint({**params, "restore_iter": None, "models_dir": "/nonexistent/"})
 

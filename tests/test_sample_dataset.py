@@ -171,7 +171,7 @@ def test_own_photos_and_the_command_line(tmp_path):
     assert ld.check_dataset(str(out), "train", deep=True) == [0, 1, 2]
     bad = subprocess.run([sys.executable, script, f"output_dir={out}", "full_height=100"],
                          capture_output=True, text=True, env=env, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "multiples of 32" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: full_height=100: expected a multiple of 32")
     assert bad.stderr.strip().count("\n") == 0
     missing = subprocess.run([sys.executable, script, f"photos_dir={tmp_path / 'nope'}"],
                              capture_output=True, text=True, env=env, timeout=300)

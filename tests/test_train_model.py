@@ -278,9 +278,13 @@ def test_start_points(tmp_path):
     assert "iteration_1500.ckpt has no training state" in notes[-1]
     # level 4 resumes its own checkpoint; without resume it starts from level 5's latest
     assert train_model.find_start(args(level=4, resume=True)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
-    start = train_model.find_start(args(level=4))
+    # starting level 4 afresh where level 4 of another run is: refused, unless overwrite=true
+    with pytest.raises(utils.UserError, match="already holds level-4 checkpoints of an earlier run"):
+        train_model.find_start(args(level=4))
+    start = train_model.find_start(args(level=4, overwrite=True))
     assert (start.kind, start.prefix) == ("handover", utils.checkpoint_prefix(str(models), 5, 1500))
-    assert train_model.find_start(args(level=4, restore_iter=0)).prefix.endswith("pynet_level_5_iteration_0.ckpt")
+    assert train_model.find_start(args(level=4, restore_iter=0, overwrite=True)).prefix.endswith(
+        "pynet_level_5_iteration_0.ckpt")
     assert train_model.find_start(args(level=3)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
     with pytest.raises(utils.UserError, match="train level 3 first"):
         train_model.find_start(args(level=2))
