@@ -49,7 +49,7 @@ def write_tf1_checkpoint(prefix, arrays):
 
 
 # ---------------------------------------------------------------------------------------
-# data fixtures (owner: data helper): small datasets in the ZRR layout, written to tmp dirs
+# data fixtures: small datasets in the ZRR layout, written to tmp dirs
 
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory):
