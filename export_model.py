@@ -41,14 +41,11 @@ SERVING = "serving_default"
 
 def parse_size(text: str) -> tuple:
     """``HEIGHTxWIDTH`` of a mosaic, both positive and even, as a tuple of ints."""
-    try:
-        height, width = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        height = width = 0
-    if height <= 0 or width <= 0 or height % 2 or width % 2:
+    size = utils.parse_size(text, multiple=2)
+    if size is None:
         raise UsageError(f"size={text}: expected HEIGHTxWIDTH of the mosaic in pixels, both positive "
                          f"multiples of 2 (e.g. {DEFAULT_TFLITE_SIZE})")
-    return height, width
+    return size
 
 
 def _default_size(values):

@@ -181,6 +181,18 @@ def parse_args(argv, spec, prog: str, description: str = "", positional: str = N
     return values
 
 
+def parse_size(text: str, multiple: int = 1):
+    """(height, width) of a ``HEIGHTxWIDTH`` text, both positive multiples of ``multiple``, or
+    None: callers word the error for their own argument."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        return None
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        return None
+    return height, width
+
+
 def print_args(values: dict, stream=None) -> None:
     stream = stream or sys.stdout
     for key, value in values.items():
@@ -574,12 +586,13 @@ def choose_onednn(training: bool, smallest_batch: int, flags=None):
 
 def select_cpu_kernels(training: bool, smallest_batch: int = 1, out=print) -> None:
     """Set TF_ENABLE_ONEDNN_OPTS for this process (a user's value wins) and say which kernels
-    run, once. Must run before TensorFlow is imported: afterwards it only reports."""
+    run, once. Must run before TensorFlow is imported: afterwards it does nothing (a caller in
+    the same process, such as quickstart.py, made the choice)."""
     user = os.environ.get(ONEDNN_VARIABLE)
     if user is not None:
         choice, why = user.strip().lower() in ("1", "true", "yes", "on"), f"{ONEDNN_VARIABLE}={user}"
     elif "tensorflow" in sys.modules:
-        return  # too late to choose (a caller in this process already started TensorFlow)
+        return
     else:
         choice, why = choose_onednn(training, smallest_batch)
         if choice is not None:

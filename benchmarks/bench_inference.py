@@ -89,13 +89,10 @@ def _names(text, known, what):
 
 
 def _frame(text):
-    try:
-        height, width = (int(t) for t in text.lower().split("x"))
-    except ValueError:
-        height = width = 0
-    if height <= 0 or width <= 0 or height % 16 or width % 16:
+    size = utils.parse_size(text, multiple=16)
+    if size is None:
         raise utils.UsageError(f"frame_packed={text}: expected HEIGHTxWIDTH in packed pixels, multiples of 16")
-    return height, width
+    return size
 
 
 def _rows(text):
@@ -324,13 +321,10 @@ def child_deploy_run(args):
 def _sizes(text):
     sizes = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        try:
-            height, width = (int(t) for t in item.lower().split("x"))
-        except ValueError:
-            height = width = 0
-        if height <= 0 or width <= 0 or height % 2 or width % 2:
+        size = utils.parse_size(item, multiple=2)
+        if size is None:
             raise utils.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024 (multiples of 2)")
-        sizes.append((height, width))
+        sizes.append(size)
     if not sizes:
         raise utils.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024")
     return sizes

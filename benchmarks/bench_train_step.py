@@ -142,22 +142,20 @@ def plain_step(trainer):
 
 
 class LoopClock:
-    """Times train_model.py's loop between its steps (its on_step hook), one step at a time:
-    ``advance()`` lets the loop run exactly one more step and returns its wall and CPU time."""
+    """Runs train_model.py's loop one step at a time (its on_step hook): ``advance()`` lets it
+    run exactly one more step, so the caller times each step beside the plain one."""
 
     def __init__(self, trainer):
         import threading
 
         self.trainer, self.go, self.done = trainer, threading.Semaphore(0), threading.Semaphore(0)
-        self.times, self.error = [], None
+        self.error = None
         trainer.on_step = self._on_step
         self.thread = threading.Thread(target=self._run, daemon=True)
-        self._mark = None
 
     def _run(self):
         try:
             self.go.acquire()
-            self._mark = (time.perf_counter(), time.thread_time())
             self.trainer.run()
         except BaseException as exc:  # noqa: BLE001 - reported by advance()
             self.error = exc
