@@ -531,7 +531,13 @@ def test_cli_level5_sigterm_then_level4(sample_dataset, tmp_path):
         for line in proc.stdout:  # wait for the first evaluation (iteration 0)
             if line.startswith("step 0 |"):
                 break
-        time.sleep(2)
+        # then for its checkpoint (the index is renamed last): a signal before that stops at
+        # iteration 0, whose checkpoint the evaluation writes anyway, which would prove nothing
+        index = utils.checkpoint_prefix(str(tmp_path / "models"), 5, 0) + ".index"
+        deadline = time.monotonic() + 300
+        while not os.path.exists(index) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(1)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)
     finally:
