@@ -427,6 +427,39 @@ def test_xla_step_equals_the_default_step(model, sample_dataset):
     assert_same_update(model, default, xla_accumulated, tolerance=1e-3)
 
 
+def test_adam_is_the_reference_adam():
+    """build_optimizer's Adam (TensorFlow's fused ResourceApplyAdam) follows
+    tf.train.AdamOptimizer's formula, computed here in float64 NumPy, in a compiled step with
+    mixed precision's loss scaling around it too; its state is Keras' (m, v, iterations)."""
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    start = rng.normal(size=(5, 7)).astype(np.float32)
+    grads = [rng.normal(scale=10.0 ** -i, size=(5, 7)).astype(np.float32) for i in range(6)]
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
+    expected, m, v = start.astype(np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, 1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+        expected = expected - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
+    for mixed in (False, True):
+        optimizer = train_model.build_optimizer({"learning_rate": lr, "mixed_precision": mixed})
+        weights = keras.Variable(start.copy())
+
+        @tf.function
+        def step(g):
+            if mixed:  # the scaled gradient is unscaled before Adam sees it
+                g = g * optimizer.scale_loss(tf.constant(1.0))
+            optimizer.apply_gradients([(g, weights)])
+
+        for g in grads:
+            step(tf.constant(g))
+        np.testing.assert_allclose(weights.numpy(), expected, rtol=0, atol=2e-6)
+        adam = train_model.base_optimizer(optimizer)
+        assert int(adam.iterations.numpy()) == len(grads)
+        np.testing.assert_allclose(adam.variables[2].numpy(), m, atol=1e-6)  # [iterations, lr, m, v]
+
+
 def test_accumulation_run_matches_big_batch_run(model, pynet, sample_dataset, tmp_path):
     """Whole runs with Adam: batch_size=4 in 2 micro-batches of 2 sees the same samples and
     gives the same losses as batch_size=4 at once."""
