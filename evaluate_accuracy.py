@@ -140,17 +140,6 @@ def baseline_isp(packed, black_level=BLACK_LEVEL, white_level=WHITE_LEVEL):
 # ---------------------------------------------------------------------------------------
 # evaluation
 
-def pynet_predictor(model, level: int):
-    """A function packed batch -> the level's output, for a PyNET built for ``level`` or lower."""
-    import tensorflow as tf
-
-    from model import level_model
-
-    view = level_model(model, level)
-    run = tf.function(lambda x: view(x, training=False))
-    return lambda packed: run(tf.convert_to_tensor(packed)).numpy()
-
-
 def evaluate(predict, batches, total=None, progress=True) -> dict:
     """Score ``predict`` (packed batch -> output batch) on ``batches`` of (packed, target):
     a dict of per-image arrays (see all_metrics), in the order of the patches."""
@@ -160,7 +149,7 @@ def evaluate(predict, batches, total=None, progress=True) -> dict:
     with tqdm(total=total, unit="patch", desc="evaluating", disable=None if progress else True) as bar:
         for packed, target in batches:
             packed, target = np.asarray(packed), np.asarray(target)
-            enhanced = predict(packed)
+            enhanced = np.asarray(predict(packed))
             if enhanced.shape != target.shape:
                 raise UserError(f"output of shape {enhanced.shape[1:]} does not match the target's {target.shape[1:]}")
             for name, values in all_metrics(enhanced, target).items():
@@ -229,7 +218,9 @@ def main(argv):
         model = PyNET(level=level)
         checkpoints.load_weights(model, prefix)
         print(f"model: {prefix}, level {level}")
-        predict = pynet_predictor(model, level)
+        from render import level_function
+
+        predict = level_function(model, level)
     scores = evaluate(predict, load_dataset.batches(dataset), total=len(indices))
     print(f"{len(indices)} test patches")
     print(summary(scores, load_dataset.target_size(level)))

@@ -27,6 +27,7 @@ import sys
 
 import numpy as np
 
+import checkpoints
 import test_model
 import utils
 from utils import Arg, UsageError, UserError
@@ -103,7 +104,7 @@ def pack_mosaic(mosaic, exact=True):
 
 def _symmetric_indices(size, multiple):
     """Indices extending ``range(size)`` to a multiple of ``multiple`` by mirroring with the edge
-    repeated, for any size >= 1: numpy's 'symmetric' padding (model.pad_to_multiple), which
+    repeated, for any size >= 1: numpy's 'symmetric' padding (render.pad_to_multiple), which
     tf.pad's SYMMETRIC matches only for pads no larger than the image."""
     import tensorflow as tf
 
@@ -113,7 +114,7 @@ def _symmetric_indices(size, multiple):
 
 
 def pad_packed(packed, multiple=PAD_MULTIPLE):
-    """model.pad_to_multiple for one packed (H, W, 4) tensor, bottom and right."""
+    """render.pad_to_multiple for one packed (H, W, 4) tensor, bottom and right."""
     import tensorflow as tf
 
     shape = tf.shape(packed)
@@ -283,7 +284,7 @@ def checked_params(params) -> dict:
 def main(argv):
     params = checked_params(utils.parse_args(argv, ARGS, "export_model.py", __doc__.strip().splitlines()[0]))
     check_output(params["output"], params["format"])
-    prefix, label = test_model.resolve_checkpoint(params)
+    prefix, label = checkpoints.resolve(params)
     if not os.path.exists(prefix + ".index"):
         raise UserError(f"{prefix}: no checkpoint there (expected {prefix}.index and its .data files)")
     model = test_model.load_model(params["level"], prefix)

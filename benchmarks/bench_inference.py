@@ -13,7 +13,7 @@ own, and prints one line. The parts:
   ``repeats``, plain and with XLA. Its best is "the peak" the network is compared with.
 * patches: a batch of 224x224 packed patches (448x448 mosaics) through the whole network to the
   level-0 output, for each setting: seconds per batch (best and median of ``repeats`` after one
-  warm-up run), output megapixels per second, achieved MAC/s (model.conv_macs: 335.7 GMAC per
+  warm-up run), output megapixels per second, achieved MAC/s (macs.conv_macs: 335.7 GMAC per
   patch) and its share of the peak, and peak RSS.
 * frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed; ``frame_packed=`` sets another
   size) rendered at level 0 as test_model.py does, in strips (automatic height, or each of
@@ -215,7 +215,8 @@ def child_patches(args):
     import numpy as np
     import tensorflow as tf
 
-    from model import conv_macs, level_model
+    from macs import conv_macs
+    from model import level_model
 
     setting = args["setting"]
     use_variant(setting)
@@ -246,7 +247,7 @@ def child_frame(args):
     import numpy as np
 
     import test_model
-    from model import conv_macs
+    from macs import conv_macs
 
     model = sane_model()
     height, width = args["packed"]

@@ -83,7 +83,7 @@ def training_flops(model, level: int, patch: int, batch: int, content: bool) -> 
     and twice that for its backward (input and weight gradients); VGG-19 forward on the
     prediction and the target, and backward to the prediction (input gradients only).
     Element-wise work (instance norm, Adam, activations) is not counted."""
-    from model import conv_macs
+    from macs import conv_macs
 
     network = conv_macs(model, patch, patch, level=level, batch=batch)
     vgg = vgg_macs(int(patch * 2 / 2 ** level), batch) if content else 0

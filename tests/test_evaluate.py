@@ -190,7 +190,9 @@ def test_pynet_level_is_scored_against_that_levels_target(full_model, small_data
     import load_dataset
 
     level = 3
-    predict = ev.pynet_predictor(full_model, level)
+    from render import level_function
+
+    predict = level_function(full_model, level)
     dataset = load_dataset.test_dataset(str(small_dataset), level, 2, drop_remainder=False, verbose=False)
     scores = ev.evaluate(predict, load_dataset.batches(dataset), total=3, progress=False)
     assert len(scores["psnr"]) == 3 and scores["ms_ssim"] is None   # 56 x 56 targets

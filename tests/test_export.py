@@ -18,7 +18,8 @@ import test_model
 import utils
 from conftest import ROOT
 from load_dataset import extract_bayer_channels
-from model import load_checkpoint, pad_to_multiple, save_checkpoint
+from model import load_checkpoint, save_checkpoint
+from render import pad_to_multiple
 from test_render import assign_sane_weights
 from utils import UsageError, UserError
 

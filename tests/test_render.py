@@ -1,4 +1,4 @@
-"""test_model.py and model.render_in_strips: rendering mosaics of any size in strips."""
+"""test_model.py and render.render_in_strips: rendering mosaics of any size in strips."""
 
 import os
 import subprocess
@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoints
 import test_model
 from conftest import ROOT
 from load_dataset import extract_bayer_channels
-from model import PyNET, level_model, load_checkpoint, pad_to_multiple, render_in_strips, save_checkpoint
+from model import PyNET, level_model, load_checkpoint, save_checkpoint
+from render import pad_to_multiple, render_in_strips
 from utils import UserError
 
 
@@ -266,13 +268,13 @@ def test_output_names_follow_the_reference(tmp_path):
     for i in (5000, 20000):
         open(f"{models}pynet_level_2_iteration_{i}.ckpt.index", "wb").close()
     params = {"orig": False, "level": 2, "restore_iter": 5000, "models_dir": models}
-    assert test_model.resolve_checkpoint(params) == (f"{models}pynet_level_2_iteration_5000.ckpt", "5000")
-    assert test_model.resolve_checkpoint({**params, "restore_iter": None})[1] == "20000"  # the latest
+    assert checkpoints.resolve(params) == (f"{models}pynet_level_2_iteration_5000.ckpt", "5000")
+    assert checkpoints.resolve({**params, "restore_iter": None})[1] == "20000"  # the latest
     with pytest.raises(UserError, match=r"iteration_7\.ckpt: no checkpoint there \(restore_iter=7\); the latest "
                                         r"level-2 one is iteration 20000"):
-        test_model.resolve_checkpoint({**params, "restore_iter": 7})
+        checkpoints.resolve({**params, "restore_iter": 7})
     with pytest.raises(UserError):
-        test_model.resolve_checkpoint({**params, "restore_iter": None, "models_dir": "/nonexistent/"})
+        checkpoints.resolve({**params, "restore_iter": None, "models_dir": "/nonexistent/"})
 
 
 def test_rendering_asks_onednn_for_the_system_allocator_unless_told_otherwise(monkeypatch):

@@ -1,0 +1,374 @@
+"""Rendering a packed frame of any size with bounded memory: PyNET's graph run over strips of rows.
+
+    from render import pad_to_multiple, render_in_strips
+    padded, (height, width) = pad_to_multiple(packed)        # multiples of 16
+    rgb = render_in_strips(model, 0, padded, rows=64)         # == the whole frame's output
+
+test_model.render chooses between this and the whole frame at once (level_function).
+"""
+
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from model import IN_EPSILON, LEAKY_SLOPE, ConvLayer, MultiConvBlock, OutputHead, UpConv, graph_inputs, level_output
+
+
+_VIEWS = {}
+_SHAPES_KEPT = 4  # compiled input sizes kept per model and level
+
+
+def level_function(model, level: int):
+    """``level``'s output of ``model`` (a PyNET build for ``level`` or lower, or a view) as a
+    function of a batch of packed frames, compiled once per input size and kept, so that the
+    next photo or batch of that size reuses it: what test_model.py and evaluate_accuracy.py
+    run. A graph of fixed shapes (measured ~4% faster than one of any size on a 224x224
+    frame); a plain tf.function rather than Keras' predict_on_batch, a few percent slower,
+    and a graph keeps fewer maps alive than running the layers eagerly."""
+    import keras
+
+    key = (id(model), level)
+    if key not in _VIEWS or _VIEWS[key][0] is not model:
+        view = keras.Model(model.inputs, level_output(model, level), name=f"{model.name}_level_{level}")
+        _VIEWS[key] = (model, view, {})
+    _, view, compiled = _VIEWS[key]
+
+    def run(frames):
+        frames = tf.convert_to_tensor(frames, tf.float32)
+        shape = tuple(frames.shape)
+        if shape not in compiled:
+            if len(compiled) >= _SHAPES_KEPT:
+                compiled.pop(next(iter(compiled)))
+            function = tf.function(lambda x: view(x, training=False))  # one per size: no retracing
+            compiled[shape] = function.get_concrete_function(tf.TensorSpec(shape, tf.float32))
+        return compiled[shape](frames)
+
+    return run
+
+
+def pad_to_multiple(packed, multiple=16):
+    """Reflect-pad a packed (H, W, 4) or (B, H, W, 4) array at the bottom and right to
+    multiples of ``multiple``; returns the padded array and the original (H, W)."""
+    packed = np.asarray(packed)
+    height, width = packed.shape[-3], packed.shape[-2]
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:
+        pads = [(0, 0)] * packed.ndim
+        pads[-3], pads[-2] = (0, pad_h), (0, pad_w)
+        # reflect needs more pixels than the pad; 'symmetric' works for any size >= 1
+        packed = np.pad(packed, pads, mode="symmetric")
+    return packed, (height, width)
+
+
+# ---------------------------------------------------------------------------------------
+# inference on frames of any size with bounded memory: row strips
+#
+# The whole-frame graph holds every feature map of the frame at once (a 12 MP frame peaks
+# near 6.2 GiB on a CPU and does not fit 11 GB GPUs). Here the same graph, read from the
+# Keras model and using its variables, runs over strips of rows spanning the whole width:
+#
+# * a layer without instance norm is computed strip by strip and keeps only the rows its
+#   consumers still need (kernel-size - 1 rows, more across skip connections): with the
+#   reference's flags that is all of level 1 and level 0, the bulk of the compute and of
+#   the memory, never held for the whole frame;
+# * a layer with instance norm (levels 2 to 5) needs statistics over the whole frame: its
+#   pre-norm output is computed strip by strip and held, the mean and variance taken over
+#   all of it, then each strip is normalised (replacing the pre-norm one). A map is dropped
+#   strip by strip as soon as its last consumer has passed it.
+#
+# Zero padding is applied only at the frame's edges, every value is computed once (no
+# overlapping tiles to recompute), and the output equals the whole-frame one up to float
+# rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the work) is computed
+# twice rather than kept for the whole frame: once for the encoder, once for level 1.
+# For a 12 MP frame at level 0 the peak RSS is 2.35 GiB (whole frame: ~6.2 GiB), reached
+# while the maps of level 2 are held, where oneDNN allocates through malloc (see
+# test_model.bound_memory); README "Inference" has the figures.
+
+MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use taller strips
+
+
+# Feature maps are held as (rows, W, C) tensors: slicing rows is then a slice of the first
+# dimension, which TensorFlow serves without copying. Strips run eagerly: a tf.function per
+# layer call cost more in argument matching than it saved, and tracing a steady strip once
+# into a graph and replaying it was no faster on a 12 MP frame (240 s op by op, 249 s
+# replayed, README "Inference"), so the simpler form stays.
+
+def _conv_rows(x, layer, pad_top, pad_bottom, relu):
+    """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
+    the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges)."""
+    p = layer.kernel_size // 2
+    y = tf.nn.conv2d(x[None], layer.kernel.value, 1, padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
+    y = tf.nn.bias_add(y, layer.bias.value)
+    return (tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y)[0]
+
+
+def _up_rows(x, layer):
+    """Stride-2 'same' transposed convolution + leaky ReLU of a strip of rows."""
+    rows, width, _ = x.shape
+    y = tf.nn.conv2d_transpose(x[None], layer.kernel.value, [1, 2 * rows, 2 * width, layer.filters], 2, "SAME")
+    return tf.nn.leaky_relu(y, LEAKY_SLOPE)[0]
+
+
+class _Rows:
+    """One feature map (batch 1, whole width) computed in strips of rows.
+
+    ``get(a, b)`` returns rows [a, b) as a (rows, W, C) tensor, computing what is missing;
+    ``release(who, row)`` records that consumer ``who`` will not ask for rows below ``row``
+    again. A map is computed as far as it is asked for and held as a list of chunks (one per
+    computation), a chunk dropped once every consumer has passed it: nothing is ever copied
+    to extend or trim a map, so holding a whole map costs the map and no more.
+    """
+
+    def __init__(self, height, sources=()):
+        self.height = height
+        self.sources = list(sources)
+        self.consumers = []
+        self.chunks = []          # [(first row, end row, tensor)], in order
+        self.hi = 0               # rows computed so far
+        self.marks = {}
+        self.step = height
+        for source in self.sources:
+            source.marks[id(self)] = 0
+            source.consumers.append(self)
+
+    def low(self):
+        return min(self.marks.values()) if self.marks else self.hi
+
+    def get(self, a, b):
+        if b > self.hi:
+            new = self.produce(self.hi, min(b, self.height))
+            end = self.hi + int(new.shape[0])
+            self.chunks.append((self.hi, end, new))
+            self.hi = end
+        return self._rows(a, b)
+
+    def _rows(self, a, b):
+        parts = [data[max(a, start) - start: min(b, end) - start]
+                 for start, end, data in self.chunks if start < b and end > a]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    def _trim(self):
+        low = self.low()
+        while self.chunks and self.chunks[0][1] <= low:
+            self.chunks.pop(0)
+
+    def release(self, who, row):
+        self.marks[id(who)] = row
+        self._trim()
+
+    def produce(self, a, b):  # rows [a, b') for some b' >= b
+        raise NotImplementedError
+
+
+class _SourceRows(_Rows):
+    def __init__(self, array):
+        super().__init__(int(array.shape[0]))
+        self.array = array
+
+    def get(self, a, b):
+        return self.array[a:b]
+
+    def release(self, who, row):
+        pass
+
+
+class _CatRows(_Rows):
+    """A channel concatenation. Formed once per strip and kept for streaming consumers; for
+    consumers that read the whole map (instance norm), formed on demand and never held, as
+    its inputs are held whole already."""
+
+    virtual = False
+
+    def get(self, a, b):
+        if self.virtual:
+            return tf.concat([source.get(a, b) for source in self.sources], axis=-1)
+        return super().get(a, b)
+
+    def produce(self, a, b):
+        parts = [source.get(a, b) for source in self.sources]
+        for source in self.sources:
+            source.release(self, b)
+        return tf.concat(parts, axis=-1)
+
+    def release(self, who, row):
+        super().release(who, row)
+        if self.virtual:
+            for source in self.sources:
+                source.release(self, self.low())
+
+
+class _AddRows(_Rows):
+    def produce(self, a, b):
+        x, y = (source.get(a, b) for source in self.sources)
+        for source in self.sources:
+            source.release(self, b)
+        return x + y
+
+
+class _PoolRows(_Rows):
+    def __init__(self, source):
+        super().__init__(source.height // 2, [source])
+
+    def produce(self, a, b):
+        y = tf.nn.max_pool2d(self.sources[0].get(2 * a, 2 * b)[None], 2, 2, "VALID")[0]
+        self.sources[0].release(self, 2 * b)
+        return y
+
+
+class _UpRows(_Rows):
+    """Output rows 2m and 2m+1 need input rows m-1 and m (the kernel's centre sits on 2m)."""
+
+    def __init__(self, layer, source):
+        super().__init__(2 * source.height, [source])
+        self.layer = layer
+
+    def produce(self, a, b):
+        source = self.sources[0]
+        m0, m1 = a // 2, min((b + 1) // 2, source.height)
+        first = max(m0 - 1, 0)
+        y = _up_rows(source.get(first, m1), self.layer)
+        source.release(self, m1 - 1)
+        return y[2 * (m0 - first):]
+
+
+class _ConvRows(_Rows):
+    """A ConvLayer or OutputHead, streamed; see _NormConvRows for one with instance norm."""
+
+    def __init__(self, layer, source):
+        super().__init__(source.height, [source])
+        self.layer = layer
+
+    def _conv(self, a, b, relu):
+        source, p, height = self.sources[0], self.layer.kernel_size // 2, self.height
+        top, bottom = max(a - p, 0), min(b + p, height)
+        y = _conv_rows(source.get(top, bottom), self.layer, top - (a - p), (b + p) - bottom, relu)
+        source.release(self, b - p)
+        return y
+
+    def produce(self, a, b):
+        y = self._conv(a, b, self.layer.relu)
+        return tf.tanh(y) * 0.58 + 0.5 if isinstance(self.layer, OutputHead) else y
+
+
+class _NormConvRows(_ConvRows):
+    """A ConvLayer with instance norm: at the first request the whole map is computed before
+    normalisation, strip by strip (``step`` rows), its mean and variance taken over all of it,
+    then each strip normalised in place. Strips are dropped as the last consumer passes them."""
+
+    def _materialise(self):
+        chunks, total = self.chunks, 0.0
+        for a in range(0, self.height, self.step):
+            end = min(a + self.step, self.height)
+            y = self._conv(a, end, relu=False)
+            chunks.append((a, end, y))
+            total = total + tf.reduce_sum(y, axis=[0, 1]).numpy().astype(np.float64)
+        self.sources[0].release(self, self.height)
+        count = float(self.height * int(chunks[0][2].shape[1]))
+        mean = (total / count).astype(np.float32)
+        spread = 0.0
+        for _, _, y in chunks:
+            spread = spread + tf.reduce_sum(tf.square(y - mean), axis=[0, 1]).numpy().astype(np.float64)
+        multiplier = self.layer.scale.value / tf.sqrt((spread / count).astype(np.float32) + IN_EPSILON)
+        offset = self.layer.shift.value - mean * multiplier
+        del y
+        for i, (a, end, _) in enumerate(chunks):  # one strip at a time: the map is never held twice
+            chunks[i] = (a, end, tf.nn.leaky_relu(chunks[i][2] * multiplier + offset, LEAKY_SLOPE))
+        self.hi = self.height
+
+    def get(self, a, b):
+        if self.hi < self.height:
+            self._materialise()
+        return self._rows(a, b)
+
+
+def _conv_node(layer, source):
+    return _NormConvRows(layer, source) if layer.instance_norm else _ConvRows(layer, source)
+
+
+def _graph_rows(output, packed):
+    """Row streams for the Keras graph ending at ``output`` (a KerasTensor of a PyNET),
+    with ``packed`` as its input."""
+    made = {}
+
+    def rows_of(tensor, private=False):
+        if id(tensor) in made and not private:
+            return made[id(tensor)]
+        op, inputs = graph_inputs(tensor)
+        kind = type(op).__name__
+        if isinstance(op, layers.InputLayer):
+            node = _SourceRows(packed)
+        elif isinstance(op, MultiConvBlock):
+            source = rows_of(inputs[0])
+            branches = [_conv_node(second, _conv_node(first, source)) for first, second in op.branches]
+            node = branches[0] if len(branches) == 1 else _CatRows(source.height, branches)
+        elif isinstance(op, ConvLayer):  # OutputHead included
+            node = _conv_node(op, rows_of(inputs[0]))
+        elif isinstance(op, UpConv):
+            node = _UpRows(op, rows_of(inputs[0]))
+        elif isinstance(op, layers.MaxPooling2D):
+            # an input without instance norm is recomputed for the pool rather than held whole
+            block, _ = graph_inputs(inputs[0])
+            recompute = isinstance(block, MultiConvBlock) and not block.instance_norm
+            node = _PoolRows(rows_of(inputs[0], private=recompute))
+        elif kind == "Concatenate" and op.axis in (-1, 3):
+            sources = [rows_of(t) for t in inputs]
+            node = _CatRows(sources[0].height, sources)
+        elif kind == "Add":
+            node = _AddRows(rows_of(inputs[0]).height, [rows_of(t) for t in inputs])
+        else:
+            raise ValueError(f"strips cannot run the operation {op.name} ({kind})")
+        if not private:
+            made[id(tensor)] = node
+        return node
+
+    head = rows_of(output)
+    nodes, todo = {}, [head]
+    while todo:
+        node = todo.pop()
+        if id(node) not in nodes:
+            nodes[id(node)] = node
+            todo.extend(node.sources)
+    for node in nodes.values():  # a concatenation read whole is not held a second time
+        if isinstance(node, _CatRows):
+            node.virtual = any(_reads_whole(consumer) for consumer in node.consumers)
+    return head, list(nodes.values())
+
+
+def _reads_whole(node):
+    """Whether ``node`` reads its inputs to the end at once (instance norm), directly or
+    through concatenations and sums."""
+    if isinstance(node, _NormConvRows):
+        return True
+    return isinstance(node, (_CatRows, _AddRows)) and any(_reads_whole(c) for c in node.consumers)
+
+
+def render_in_strips(model, level, packed, rows, out_height=None, progress=None, min_strip_pixels=MIN_STRIP_PIXELS):
+    """Output of pyramid ``level`` of ``model`` for one packed frame (H, W, 4; multiples of
+    16) as float32 (H', W', 3), unclipped, computed in strips of ``rows`` packed rows with
+    bounded memory (see above). ``out_height`` output rows are computed (default: all);
+    ``progress(n)`` is called with the number of output rows added after each strip. Maps at
+    lower resolutions use strips of at least ``min_strip_pixels`` pixels."""
+    output_tensor = level_output(model, level)
+    packed = tf.convert_to_tensor(np.asarray(packed, np.float32))
+    height, width = int(packed.shape[0]), int(packed.shape[1])
+    if height % 16 or width % 16:
+        raise ValueError(f"the packed frame must be a multiple of 16 in both sides, not {height}x{width}")
+    rows = max(1, int(rows))
+    head, nodes = _graph_rows(output_tensor, packed)
+    for node in nodes:
+        ratio = node.height / height     # the node's resolution relative to the packed frame
+        node.step = min(node.height, max(-(-rows * node.height // height),
+                                         -(-min_strip_pixels // max(1, int(width * ratio)))))
+    out_height = head.height if out_height is None else min(out_height, head.height)
+    strip = max(1, -(-rows * head.height // height))
+    output = None
+    for start in range(0, out_height, strip):
+        end = min(start + strip, out_height)
+        data = head.get(start, end).numpy()
+        head.release(render_in_strips, end)
+        if output is None:  # after the whole-frame part has run and been dropped
+            output = np.empty((out_height,) + data.shape[1:], np.float32)
+        output[start:end] = data
+        if progress is not None:
+            progress(end - start)
+    return output
