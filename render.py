@@ -82,7 +82,7 @@ def pad_to_multiple(packed, multiple=16):
 # twice rather than kept for the whole frame: once for the encoder, once for level 1.
 # For a 12 MP frame at level 0 the peak RSS is 2.35 GiB (whole frame: ~6.2 GiB), reached
 # while the maps of level 2 are held, where oneDNN allocates through malloc (see
-# test_model.bound_memory); README "Inference" has the figures.
+# test_model.bound_memory); benchmarks/README.md, "Inference" has the figures.
 
 MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use taller strips
 
@@ -91,7 +91,7 @@ MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use 
 # dimension, which TensorFlow serves without copying. Strips run eagerly: a tf.function per
 # layer call cost more in argument matching than it saved, and tracing a steady strip once
 # into a graph and replaying it was no faster on a 12 MP frame (240 s op by op, 249 s
-# replayed, README "Inference"), so the simpler form stays.
+# replayed, benchmarks/README.md, "Inference"), so the simpler form stays.
 
 def _conv_rows(x, layer, pad_top, pad_bottom, relu):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across

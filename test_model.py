@@ -35,7 +35,7 @@ REFERENCE_CROP = (1472, 1984)
 #   up to 640K packed pixels (~2.3 GiB);
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
 #   multiple of 8 rows: a 12 MP frame then peaks at 2.35 GiB, reached while the
-#   instance-normalised maps of level 2 are held (README "Inference").
+#   instance-normalised maps of level 2 are held (benchmarks/README.md, "Inference").
 WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256
@@ -298,7 +298,7 @@ def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
     of levels 2 to 5 for the rest of the run and fragments, 2.87 GiB against 2.35 GiB for a
-    12 MP frame, at the cost of 36% more time (README "Inference"). Takes effect only before
+    12 MP frame, at the cost of 36% more time (benchmarks/README.md, "Inference"). Takes effect only before
     TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 

@@ -1,4 +1,4 @@
-"""Inference speed and memory of PyNET on this machine (README "Inference").
+"""Inference speed and memory of PyNET on this machine (benchmarks/README.md, "Inference").
 
     python benchmarks/bench_inference.py                             # peak, patches, frame: ~35 min on 2 cores
     python benchmarks/bench_inference.py parts=peak,patches settings=function,xla batch=2
