@@ -1,6 +1,6 @@
 """Convert camera DNG files to the single-channel 16-bit PNG mosaics that PyNET reads.
 
-Faithful default (reference §7): ``python dng_to_png.py photo.dng`` writes rawpy's full
+Faithful default (the reference's dng_to_png.py): ``python dng_to_png.py photo.dng`` writes rawpy's full
 ``raw_image`` (all sensor rows and columns, camera code values untouched) as ``photo.png``
 beside the DNG. Beyond the reference, all optional:
 

@@ -1,6 +1,6 @@
 """Zurich RAW-to-RGB (ZRR) data: Bayer packing, level targets, validation and the tf.data readers.
 
-Layout under ``dataset_dir`` (reference §4)::
+Layout under ``dataset_dir`` (the reference's load_dataset.py)::
 
     train/huawei_raw/{i}.png   448x448 single-channel Bayer mosaic, 10-bit values, 8- or 16-bit PNG
     train/canon/{i}.jpg        448x448 RGB DSLR target
@@ -157,7 +157,7 @@ def read_target_image(path: str, size=MOSAIC) -> np.ndarray:
 
 
 def load_target(path, level, patch_mosaic=MOSAIC) -> np.ndarray:
-    """The level's target from a DSLR JPEG, as the reference computes it (§3.2).
+    """The level's target from a DSLR JPEG, as the reference computes it (its load_dataset.py, lines 45-46).
 
     Pillow BICUBIC resize of the uint8 image by DSLR_SCALE/2 to int(patch_mosaic * factor) pixels
     (what ``scipy.misc.imresize(img, DSLR_SCALE/2, 'bicubic')`` did; level 0 leaves it unchanged),

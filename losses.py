@@ -1,4 +1,4 @@
-"""PyNET's losses and metrics (reference §3.3 and §8).
+"""PyNET's losses and metrics (the reference's train_model.py, lines 60-92, and evaluate_accuracy.py).
 
 All of them take NHWC tensors: ``enhanced`` is the network output of a level, in
 [-0.08, 1.08] and *not* clipped (as in the reference), ``target`` the DSLR patch in [0, 1].
@@ -12,7 +12,7 @@ training step needs (sum over the images of a replica divided by the global batc
 
 import tensorflow as tf
 
-# (MSE weight, content weight, 1 - SSIM weight) per level, reference §3.3.
+# (MSE weight, content weight, 1 - SSIM weight) per level (reference train_model.py, lines 85-92).
 LEVEL_WEIGHTS = {
     5: (100.0, 0.0, 0.0),
     4: (100.0, 0.0, 0.0),

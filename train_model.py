@@ -1,4 +1,4 @@
-"""Train PyNET one pyramid level at a time, as the reference's train_model.py (reference §3).
+"""Train PyNET one pyramid level at a time, as the reference's train_model.py.
 
     python train_model.py level=5                      # from scratch
     python train_model.py level=4                      # starts from level 5's latest checkpoint
@@ -6,7 +6,7 @@
     ...
     python train_model.py level=0 batch_size=10 num_train_iters=100000
 
-Faithful to the reference: the arguments and their defaults, the loss of each level (§3.3),
+Faithful to the reference: the arguments and their defaults, the loss of each level (reference train_model.py, lines 60-92),
 Adam at 5e-5 restarted at every level, the data sampling and augmentation (load_dataset.py),
 num_train_iters + 1 steps, an evaluation over the test split every ``eval_step`` iterations
 (i = 0 included) with the reference's log line appended to models/logs.txt, visual results
@@ -52,7 +52,7 @@ def _patch_check(value):
 
 
 SPEC = [
-    # the reference's arguments (§3.1)
+    # the reference's arguments (reference utils.py, process_command_args)
     utils.level_arg(),
     Arg("batch_size", int, 50, "training batch size (the global batch: split over accumulation steps and "
         "replicas); the reference's commands use 50, 50, 48, 18, 12, 10 for levels 5..0", check=utils.positive),

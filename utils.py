@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 LEVELS = (0, 1, 2, 3, 4, 5)
 
-# Reference defaults, indexed by level (§3.1 of the reference notes).
+# Reference defaults, indexed by level (the reference's utils.py, process_command_args).
 NUM_DEFAULT_TRAIN_ITERS = (100000, 35000, 20000, 20000, 5000, 5000)
 
 

@@ -1,4 +1,4 @@
-"""VGG-19 features up to ``relu5_4`` for PyNET's content loss (reference §5).
+"""VGG-19 features up to ``relu5_4`` for PyNET's content loss (the reference's vgg.py).
 
 The reference (``vgg.py`` of aiff22/PyNET) reads the MatConvNet "imagenet-vgg-verydeep-19"
 model with ``scipy.io.loadmat``, takes the first 36 entries of its ``layers`` array

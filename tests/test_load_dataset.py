@@ -80,7 +80,7 @@ def test_packing_order_against_explicit_loops():
 
 
 def test_sizes_per_level_match_the_reference_table():
-    # reference §3.2: DSLR_SCALE 2, 1, .5, .25, .125, .0625; TARGET 448, 224, 112, 56, 28, 14
+    # reference train_model.py lines 22-24: DSLR_SCALE 2, 1, .5, .25, .125, .0625; TARGET 448, 224, 112, 56, 28, 14
     assert [ld.dslr_scale(level) for level in range(6)] == [2, 1, 0.5, 0.25, 0.125, 0.0625]
     assert [ld.target_size(level) for level in range(6)] == [448, 224, 112, 56, 28, 14]
     assert [ld.target_size(level, 32) for level in range(6)] == [64, 32, 16, 8, 4, 2]

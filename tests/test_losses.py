@@ -175,7 +175,7 @@ def test_content_loss_with_vgg19():
 # ---------------------------------------------------------------------------------------
 # the loss of each level
 
-# reference §3.3, written out independently of losses.LEVEL_WEIGHTS
+# reference train_model.py lines 85-92, written out independently of losses.LEVEL_WEIGHTS
 def hand_level_loss(level, enhanced, target):
     m = np.mean((target.astype(np.float64) - enhanced) ** 2)
     content = np.mean((np_stand_in(enhanced) - np_stand_in(target)) ** 2)

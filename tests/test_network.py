@@ -57,7 +57,8 @@ def test_variables_follow_the_reference_order(full_model, reference_variables):
         assert ref_role.startswith(ROLE_OF[role]), key
 
 
-# The reference's gradient-connectivity table (§1.6): variables and parameters feeding each level.
+# Variables and parameters feeding each level's output: those the reference's Adam (train_model.py line 97,
+# over every "generator" variable) actually updates at that level.
 TRAINED_PER_LEVEL = {5: (62, 18_895_171), 4: (104, 28_333_123), 3: (178, 36_348_355),
                      2: (316, 43_201_667), 1: (426, 47_519_715), 0: (427, 47_521_371)}
 

@@ -161,7 +161,7 @@ def test_level_handover_loads_level5_weights(model, sample_dataset, tmp_path):
     assert trainer.start.prefix == utils.checkpoint_prefix(str(tmp_path / "models"), 5, 1)  # the latest
     for got, want in zip(weights_of(model), trained):
         np.testing.assert_array_equal(got, want)
-    # a fresh Adam at each level, over the variables feeding output_l4 only (reference §1.6)
+    # a fresh Adam at each level, over the variables feeding output_l4 only (reference train_model.py line 97)
     assert int(trainer.optimizer.iterations.numpy()) == 0
     assert len(trainer.view.trainable_variables) == 104
 
