@@ -8,7 +8,8 @@ TensorFlow's own strategy so that a cluster's faults end in one line instead of 
   to SIGTERM), with a deadline.
 * ``exchange(strategy, cluster, row)``: every task's row of numbers, gathered on every task
   by one all-reduce; the start-point agreement and the coordinated stop use it.
-* ``lost_peer(exc, cluster)``: a collective that failed because a task went away, as one line.
+* ``leave_together(strategy, cluster)``: the tasks' last meeting before they exit.
+* ``lost_peer(exc, cluster, when)``: a collective that failed because a task went away, as one line.
 * ``check_devices(devices)``: the ``devices=`` of a mirrored strategy, against the devices
   TensorFlow sees.
 """
@@ -146,8 +147,8 @@ def _answers(address, timeout=1.0):
 
 def _listen(address):
     """A plain listener on this task's own port, so that peers probing it before TensorFlow's
-    server starts find it; closed before the strategy binds the port. None when the port
-    cannot be held (the strategy then reports it)."""
+    server starts find it; closed before the strategy binds the port. A port already taken is
+    the one-line error here rather than the strategy's traceback."""
     port = int(address.rsplit(":", 1)[1])
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
