@@ -522,8 +522,8 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
     micro = batch_size // _check_positive("micro_batches", micro_batches)
     shard_index, shards = (int(v) for v in shard)
     if micro * micro_batches != batch_size or micro % shards or not 0 <= shard_index < shards:
-        raise utils.UserError(f"batch_size={batch_size}: cannot be cut into {micro_batches} micro-batche(s) of "
-                              f"{shards} equal part(s)")
+        raise utils.UserError(f"batch_size={batch_size}: cannot be cut into micro_batches={micro_batches} equal "
+                              f"micro-batches of {shards} equal parts each")
     part = micro // shards
     out_batch = _check_positive("out_batch", out_batch if out_batch is not None else part)
     if indices is None:
