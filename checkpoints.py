@@ -55,10 +55,10 @@ def _data_problem(prefix: str, what: str, exc) -> str:
     if match:
         data = prefix + match.group(0)
     else:
-        shards = sorted(n for n in os.listdir(os.path.dirname(prefix) or ".")
+        shards = sorted(n for n in utils.listdir(os.path.dirname(prefix) or ".")
                         if n.startswith(os.path.basename(prefix) + ".data-"))
         data = os.path.join(os.path.dirname(prefix), shards[0]) if shards else prefix + ".data-00000-of-00001"
-    if not os.path.exists(data):
+    if not utils.exists(data):
         return f"{data}: missing (the checkpoint's {os.path.basename(prefix)}.index is there without its data)"
     return f"{data}: damaged or truncated: {_reason(exc)} reading {what}"
 
@@ -71,10 +71,11 @@ def read_verified(prefix: str, labels: dict = None) -> dict:
     import tensorflow as tf
 
     index = prefix + ".index"
-    if not os.path.exists(index):
+    if not utils.exists(index):
         raise UserError(f"{prefix}: no checkpoint there (expected {index} and its .data files)")
     try:
-        reader = tf.train.load_checkpoint(prefix)
+        # the reader itself: tf.train.load_checkpoint takes a prefix on a RAM filesystem for a folder
+        reader = tf.compat.v1.train.NewCheckpointReader(prefix)
         shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
     except (tf.errors.OpError, ValueError, IndexError) as exc:
         raise DamagedCheckpoint(f"{index}: damaged, cannot read the checkpoint's index ({_reason(exc)})") from None
@@ -172,11 +173,14 @@ def load_weights(model, prefix: str) -> None:
 # writing
 
 def _starting_with(folder: str, base: str) -> set:
-    return {n for n in os.listdir(folder) if n.startswith(base)} if os.path.isdir(folder) else set()
+    return {n for n in utils.listdir(folder) if n.startswith(base)} if utils.isdir(folder) else set()
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
+    if utils.is_url(path):
+        if utils.exists(path):
+            utils.remove(path)
+    elif os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         os.remove(path)
@@ -218,15 +222,15 @@ def check_fresh_start(models_dir: str, level: int, overwrite: bool = False) -> N
 def clear_level(models_dir: str, level: int) -> list:
     """Delete the level's checkpoints (with their training states) and TensorBoard summaries."""
     removed = []
-    for name in sorted(os.listdir(models_dir)) if os.path.isdir(models_dir) else []:
+    for name in sorted(utils.listdir(models_dir)) if utils.isdir(models_dir) else []:
         stem = name.split(".ckpt", 1)[0] + ".ckpt"
         parsed = utils.parse_checkpoint_prefix(stem)
         if ".ckpt" in name and parsed is not None and parsed[0] == level:
             _remove(os.path.join(models_dir, name))
             removed.append(name)
     summaries = os.path.join(models_dir, "tensorboard", f"level_{level}")
-    if os.path.isdir(summaries):
-        shutil.rmtree(summaries)
+    if utils.isdir(summaries):
+        utils.remove(summaries)
         removed.append(summaries)
     return removed
 
@@ -263,7 +267,7 @@ def resolve(params) -> tuple:
                             f"train level {level} first (python train_model.py level={level}) "
                             f"or use the released weights with orig=true")
     prefix = utils.checkpoint_prefix(models_dir, level, iteration)
-    if not os.path.exists(prefix + ".index"):
+    if not utils.exists(prefix + ".index"):
         latest = utils.get_last_iter(level, models_dir)
         there = (f"the latest level-{level} one is iteration {latest}" if latest is not None
                  else f"{models_dir} holds no level-{level} checkpoint")

@@ -178,16 +178,15 @@ def summary(scores, image_side=None) -> str:
 
 def write_csv(path: str, names, scores) -> None:
     """One line per patch: its file name and every metric (empty where not applicable)."""
+    import io
+
     columns = list(METRICS) + [f"{name}_8bit" for name in METRICS]
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with utils.atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["patch"] + columns)
-            for i, name in enumerate(names):
-                writer.writerow([name] + ["" if scores[c] is None else "%.6f" % scores[c][i] for c in columns])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["patch"] + columns)
+    for i, name in enumerate(names):
+        writer.writerow([name] + ["" if scores[c] is None else "%.6f" % scores[c][i] for c in columns])
+    utils.write_file(path, text.getvalue().encode())
 
 
 def main(argv):

@@ -139,10 +139,10 @@ def read_target_image(path: str, size=MOSAIC) -> np.ndarray:
     and decoded strictly: corrupt data is an error, not a warning (utils.read_jpeg)."""
     from PIL import Image
 
-    if not os.path.isfile(path):
+    if not utils.isfile(path):
         raise DataError(f"{path}: file not found")
     try:
-        with Image.open(path) as image:  # the header only
+        with utils.open_file(path, "rb") as handle, Image.open(handle) as image:  # the header only
             fmt, mode, image_size = image.format, image.mode, image.size
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
         reason = str(exc) or exc.__class__.__name__
@@ -218,7 +218,7 @@ def load_pair(dataset_dir, split, index, level, patch=PATCH, k=0, flip=False, of
 
 def dataset_kind(dataset_dir) -> str:
     """"ZRR", or the synthetic-sample label when make_sample_dataset.py's marker file is present."""
-    return KIND_SYNTHETIC if os.path.isfile(os.path.join(dataset_dir, MARKER_FILE)) else KIND_ZRR
+    return KIND_SYNTHETIC if utils.isfile(os.path.join(dataset_dir, MARKER_FILE)) else KIND_ZRR
 
 
 def describe_dataset(dataset_dir) -> str:
@@ -242,7 +242,7 @@ def patch_paths(dataset_dir, split, index):
 
 
 def _require_folder(path: str, what: str) -> None:
-    if not os.path.isdir(path):
+    if not utils.isdir(path):
         hint = (" (get the ZRR dataset, see README, or make a sample: python make_sample_dataset.py)"
                 if what == "dataset folder" else "")
         raise DataError(f"{path}: {what} not found{hint}")
@@ -250,7 +250,7 @@ def _require_folder(path: str, what: str) -> None:
 
 def _indexed_files(folder: str, pattern) -> dict:
     found = {}
-    for name in os.listdir(folder):
+    for name in utils.listdir(folder):
         match = pattern.match(name)
         if match:
             found[int(match.group(1))] = name
@@ -266,7 +266,7 @@ def num_patches(dataset_dir, split) -> int:
 
 
 def _tail(path: str, count: int) -> bytes:
-    with open(path, "rb") as handle:
+    with utils.open_file(path, "rb") as handle:
         handle.seek(0, os.SEEK_END)
         handle.seek(max(0, handle.tell() - count))
         return handle.read()
@@ -278,10 +278,10 @@ def check_files_quick(raw_path: str, target_path: str) -> None:
     from PIL import Image
 
     for path, kind in ((raw_path, "PNG"), (target_path, "JPEG")):
-        if not os.path.isfile(path):
+        if not utils.isfile(path):
             raise DataError(f"{path}: file not found")
         try:
-            with Image.open(path) as image:
+            with utils.open_file(path, "rb") as handle, Image.open(handle) as image:
                 fmt, mode, size = image.format, image.mode, image.size
         except Exception as exc:
             raise DataError(f"{path}: not a readable {kind} ({str(exc) or exc.__class__.__name__})") from None
@@ -495,7 +495,8 @@ def train_plan(indices, batch_size, train_size=5000, whole=False, patch=PATCH, l
 
 
 def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, patch=PATCH, seed=0,
-                  skip_bad=False, refresh_every=1000, augment=True, verbose=True, start_batch=0):
+                  skip_bad=False, refresh_every=1000, augment=True, verbose=True, start_batch=0,
+                  micro_batches=1, shard=(0, 1), out_batch=None, indices=None):
     """Infinite stream of training batches (raw [B, patch, patch, 4], target [B, T, T, 3]), float32.
 
     Files are read from disk as needed (parallel decode, 2 batches prefetched), so memory does
@@ -505,6 +506,12 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
     A ``train_size`` larger than the dataset is reduced to it, with a warning. ``start_batch=n``
     resumes the same stream after its first n batches without reading their files.
     The pipeline's error log is ``ds._pynet_error_log`` (``.first``: the first error met).
+
+    For accumulation and several input pipelines (tf.distribute), the plan of each batch of
+    ``batch_size`` is cut into ``micro_batches`` consecutive micro-batches, and ``shard=(i, n)``
+    keeps the i-th of n equal consecutive parts of each micro-batch, before any file is read,
+    so that a worker decodes only its own samples; the stream is then batched by ``out_batch``
+    (default: the part). ``indices``: the usable patches, when check_dataset already ran.
     """
     import tensorflow as tf
 
@@ -512,7 +519,15 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
     batch_size = _check_positive("batch_size", batch_size)
     train_size = _check_positive("train_size", train_size)
     refresh_every = _check_positive("refresh_every", refresh_every)
-    indices = check_dataset(dataset_dir, "train", skip_bad=skip_bad, verbose=verbose)
+    micro = batch_size // _check_positive("micro_batches", micro_batches)
+    shard_index, shards = (int(v) for v in shard)
+    if micro * micro_batches != batch_size or micro % shards or not 0 <= shard_index < shards:
+        raise utils.UserError(f"batch_size={batch_size}: cannot be cut into micro_batches={micro_batches} equal "
+                              f"micro-batches of {shards} equal parts each")
+    part = micro // shards
+    out_batch = _check_positive("out_batch", out_batch if out_batch is not None else part)
+    if indices is None:
+        indices = check_dataset(dataset_dir, "train", skip_bad=skip_bad, verbose=verbose)
     if not whole and train_size > len(indices):
         if verbose:
             warn(f"train_size={train_size} is larger than the {len(indices)} training patches "
@@ -525,7 +540,13 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
     plans = tf.data.Dataset.from_generator(generator, output_signature=tf.TensorSpec((5,), tf.int64))
     if start_batch:
         plans = plans.skip(int(start_batch) * batch_size)
-    return _pipeline(plans, dataset_dir, "train", level, patch, batch_size, skip_bad, drop_remainder=True)
+    if shards > 1:
+        @tf.autograph.experimental.do_not_convert
+        def own_part(micro_plan):
+            return micro_plan[shard_index * part: (shard_index + 1) * part]
+
+        plans = plans.batch(micro, drop_remainder=True).map(own_part).unbatch()
+    return _pipeline(plans, dataset_dir, "train", level, patch, out_batch, skip_bad, drop_remainder=True)
 
 
 def test_dataset(dataset_dir, level, batch_size, patch=PATCH, drop_remainder=True, skip_bad=False, verbose=True):
@@ -581,12 +602,12 @@ def main(argv):
     splits = SPLITS if args["split"] == "both" else (args["split"],)
     for split in splits:
         total = len(_indexed_files(os.path.join(split_dir(args["dataset_dir"], split), RAW_FOLDER), _RAW_NAME)) \
-            if os.path.isdir(os.path.join(split_dir(args["dataset_dir"], split), RAW_FOLDER)) else 0
+            if utils.isdir(os.path.join(split_dir(args["dataset_dir"], split), RAW_FOLDER)) else 0
         good = check_dataset(args["dataset_dir"], split, skip_bad=args["skip_bad"], deep=args["deep"])
         print(f"{split}: {len(good)} usable patches ({total} mosaics found)")
     full = os.path.join(args["dataset_dir"], "test", FULL_RES_FOLDER)
-    if os.path.isdir(full):
-        print(f"test/{FULL_RES_FOLDER}: {sum(n.lower().endswith('.png') for n in os.listdir(full))} PNG files")
+    if utils.isdir(full):
+        print(f"test/{FULL_RES_FOLDER}: {sum(n.lower().endswith('.png') for n in utils.listdir(full))} PNG files")
 
 
 if __name__ == "__main__":

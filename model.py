@@ -391,16 +391,18 @@ def save_checkpoint(model, prefix: str) -> None:
     if len(entries) != TF1_VARIABLE_COUNT:
         raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
     check_finite(model, prefix)
+    import utils
+
     folder = os.path.dirname(prefix)
     if folder:
-        os.makedirs(folder, exist_ok=True)
+        utils.makedirs(folder)
     tmp_prefix = f"{prefix}.tmp{os.getpid()}"
     with checkpoints.all_or_nothing(prefix):
         tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=[key for key, _, _ in entries],
                           shape_and_slices=[""] * len(entries), tensors=[var.value for _, var, _ in entries])
         data = ".data-00000-of-00001"
-        os.replace(tmp_prefix + data, prefix + data)
-        os.replace(tmp_prefix + ".index", prefix + ".index")
+        utils.rename(tmp_prefix + data, prefix + data)
+        utils.rename(tmp_prefix + ".index", prefix + ".index")
 
 
 # ---------------------------------------------------------------------------------------

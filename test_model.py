@@ -90,9 +90,9 @@ def configure_devices(use_gpu: bool) -> None:
 def list_mosaics(folder: str) -> list:
     """The PNG files of ``folder``, sorted by name; dotfiles and writers' temporary files are
     not inputs."""
-    if not os.path.isdir(folder):
+    if not utils.isdir(folder):
         raise UserError(f"{folder}: folder not found (expected the full-resolution PNG mosaics there)")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(".png") and not utils.is_hidden(f))
+    files = sorted(f for f in utils.listdir(folder) if f.lower().endswith(".png") and not utils.is_hidden(f))
     if not files:
         raise UserError(f"{folder}: no PNG mosaics found")
     return [os.path.join(folder, f) for f in files]
@@ -105,9 +105,9 @@ def list_inputs(spec: str) -> list:
     for item in (part.strip() for part in spec.split(",")):
         if not item:
             continue
-        if os.path.isdir(item) or item.endswith(("/", os.sep)):
+        if utils.isdir(item) or item.endswith(("/", os.sep)):
             found = list_mosaics(item)
-        elif os.path.isfile(item):
+        elif utils.isfile(item):
             found = [item]
         else:
             raise UserError(f"{item}: no such file or folder")

@@ -19,6 +19,7 @@ atomic checkpoints, ``tf.distribute`` (mirrored / multi-worker), gradient accumu
 mixed precision and smaller patches.  See the README's training section.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import time
 import numpy as np
 
 import checkpoints
+import cluster as cluster_module
 import utils
 from utils import Arg, UsageError, UserError
 
@@ -84,6 +86,8 @@ SPEC = [
     Arg("strategy", str, "auto", "tf.distribute strategy: auto = mirrored over all GPUs when there are several, "
         "multi_worker when TF_CONFIG names several tasks, else one device", choices=STRATEGIES),
     Arg("devices", str, "", "comma-separated devices for strategy=mirrored (default: all GPUs)"),
+    Arg("cluster_timeout", float, 180.0, "multi_worker: seconds to wait for the other tasks of TF_CONFIG to "
+        "answer before giving up", check=utils.positive),
     Arg("accum_steps", int, 1, "accumulate gradients over this many micro-batches of batch_size/accum_steps "
         "per update", check=utils.positive),
     Arg("mixed_precision", utils.BOOL, False, "float16 compute (mixed_float16) with float32 variables and loss"),
@@ -132,49 +136,38 @@ def micro_batch(args) -> int:
 # devices and strategies
 
 def tf_config_tasks():
-    """Number of tasks TF_CONFIG declares (0 when unset or unreadable)."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return 0
-    try:
-        cluster = json.loads(text).get("cluster", {})
-    except (ValueError, AttributeError):
-        raise UserError("TF_CONFIG is not valid JSON") from None
-    return sum(len(tasks) for tasks in cluster.values())
+    """Number of tasks TF_CONFIG declares (0 when unset); a bad TF_CONFIG is a one-line error."""
+    return cluster_module.task_count()
 
 
 def is_chief() -> bool:
     """Whether this process writes the logs, results and checkpoints (multi-worker: the chief or
     worker 0 when there is no chief)."""
-    text = os.environ.get("TF_CONFIG")
-    if not text:
-        return True
-    try:
-        config = json.loads(text)
-    except ValueError:
-        raise UserError("TF_CONFIG is not valid JSON") from None
-    task = config.get("task", {})
-    kind, index = task.get("type", "worker"), int(task.get("index", 0))
-    if "chief" in config.get("cluster", {}):
-        return kind == "chief"
-    return kind == "worker" and index == 0
+    found = cluster_module.read_tf_config()
+    return found is None or found.is_chief
 
 
-def make_strategy(name: str = "auto", devices: str = ""):
-    """The tf.distribute strategy for ``strategy=``; must run before anything else touches TF."""
+def make_strategy(name: str = "auto", devices: str = "", cluster_timeout: float = 180.0, out=print):
+    """The tf.distribute strategy for ``strategy=``; must run before anything else touches TF.
+    TF_CONFIG is checked whatever the strategy (a bad one is a one-line error), ``devices=``
+    against the devices TensorFlow sees, and with several tasks the others are awaited for
+    at most ``cluster_timeout`` seconds before the strategy (whose own wait has no end) starts."""
     import tensorflow as tf
 
+    found = cluster_module.read_tf_config()
     if name == "auto":
-        if tf_config_tasks() > 1:
+        if found is not None and len(found) > 1:
             name = "multi_worker"
         elif len(tf.config.list_physical_devices("GPU")) > 1:
             name = "mirrored"
         else:
             name = "one"
     if name == "multi_worker":
+        if found is not None and len(found) > 1:
+            cluster_module.wait_for_peers(found, cluster_timeout, out=out)
         return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "mirrored":
-        chosen = [d.strip() for d in devices.split(",") if d.strip()] or None
+        chosen = cluster_module.check_devices(devices) if devices else None
         return tf.distribute.MirroredStrategy(devices=chosen)
     return tf.distribute.get_strategy()  # the default strategy: one device, no distribution
 
@@ -238,10 +231,95 @@ def find_start(args, log=print) -> Start:
             raise UserError(f"no level-{upper} checkpoint (pynet_level_{upper}_iteration_*.ckpt) in {models_dir}: "
                             f"train level {upper} first (python train_model.py level={upper})")
     prefix = utils.checkpoint_prefix(models_dir, upper, iteration)
-    if not os.path.exists(prefix + ".index"):
+    if not utils.exists(prefix + ".index"):
         raise UserError(f"{prefix}: no such checkpoint (restore_iter={iteration}); "
                         f"the latest level-{upper} one is iteration {utils.get_last_iter(upper, models_dir)}")
     return Start("handover", prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# several tasks: one start point
+
+START_KINDS = {"scratch": 0, "handover": 1, "resume": 2}
+# arguments that may differ between tasks (paths on each machine, display); all others must agree
+LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "progress", "tensorboard", "cluster_timeout"}
+
+
+def multi_worker_cluster(strategy):
+    """The TF_CONFIG cluster when ``strategy`` runs over several tasks, else None."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    found = cluster_module.read_tf_config()
+    return found if found is not None and len(found) > 1 else None
+
+
+def _crc_of_file(path):
+    import zlib
+
+    return zlib.crc32(utils.read_bytes(path)) if utils.exists(path) else 0
+
+
+def start_row(args, start):
+    """A task's start point as numbers: [ready, kind, source level, source iteration, checksum of the
+    checkpoint's index (which holds every tensor's checksum), of its training state's index, of
+    the settings]. ``start`` None: this task failed before it could decide."""
+    import zlib
+
+    settings = json.dumps({k: v for k, v in args.items() if k not in LOCAL_ARGUMENTS}, sort_keys=True, default=str)
+    if start is None:
+        return [0, -1, -1, -1, 0, 0, zlib.crc32(settings.encode())]
+    level, iteration = utils.parse_checkpoint_prefix(start.prefix) if start.prefix else (args["level"], -1)
+    state = _crc_of_file(state_prefix(start.prefix) + ".index") if start.kind == "resume" else 0
+    model = _crc_of_file(start.prefix + ".index") if start.prefix else 0
+    return [1, START_KINDS[start.kind], level, iteration, model, state, zlib.crc32(settings.encode())]
+
+
+def describe_start(row, level):
+    kind = {v: k for k, v in START_KINDS.items()}.get(int(row[1]))
+    if kind == "scratch":
+        return f"level {level} from scratch"
+    if kind == "handover":
+        return f"level {level} from level {int(row[2])}'s iteration {int(row[3])}"
+    return f"resuming level {level} after iteration {int(row[3])}"
+
+
+def start_disagreement(rows, cluster, args):
+    """The one line saying how this task's start differs from the chief's, or None."""
+    mine, chief = rows[cluster.position()], rows[cluster.position(cluster.chief)]
+    others = [t for t in cluster.tasks if t is not cluster.me]
+    failed = [t for t in others if rows[cluster.position(t)][0] == 0]
+    if failed:
+        return f"{failed[0].name} ({failed[0].address}) stopped with an error before training (see its output): " \
+               f"no task trains"
+    level, contract = args["level"], ("every task must see the chief's checkpoints: one shared models_dir, or the "
+                                      "chief's checkpoint files copied into each task's models_dir (README, "
+                                      "'Several machines')")
+    if cluster.is_chief:
+        differing = [t for t in others if list(rows[cluster.position(t)]) != list(chief)]
+        if not differing:
+            return None
+        task = differing[0]
+        theirs = rows[cluster.position(task)]
+        if theirs[6] != chief[6]:
+            return f"{task.name} ({task.address}) was started with other arguments than the chief: give every " \
+                   f"task the same ones (only paths, progress and tensorboard may differ)"
+        what = "holds other checkpoint files for it" if theirs[1:4].tolist() == chief[1:4].tolist() \
+            else f"would start {describe_start(theirs, level)}"
+        return f"{task.name} ({task.address}) {what}, while the chief starts {describe_start(chief, level)} " \
+               f"from models_dir={args['models_dir']}: {contract}"
+    if list(mine) == list(chief):
+        return None
+    if mine[6] != chief[6]:
+        return f"this task ({cluster.me.name}) was started with other arguments than the chief " \
+               f"({cluster.chief.name}): give every task the same ones (only paths, progress and tensorboard " \
+               f"may differ)"
+    found = describe_start(mine, level)
+    if mine[1:4].tolist() == chief[1:4].tolist():
+        found += ", but its checkpoint files differ from the chief's"
+    return f"{cluster.me.name}: models_dir={args['models_dir']} gives {found}, the chief ({cluster.chief.name}) " \
+           f"starts {describe_start(chief, level)}: {contract}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,41 +332,20 @@ def check_eval_batch(args, num_test):
                         f"batch_size or eval_batch_size")
 
 
-def train_data(args, start_step: int = 0):
-    """The training stream, positioned after ``start_step`` optimizer steps (for resume=true),
-    in batches of batch_size / accum_steps.  Returns (dataset, error log)."""
+def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indices=None):
+    """The training stream, positioned after ``start_step`` optimizer steps (for resume=true).
+    The plan is that of optimizer steps of batch_size samples (subset redraws included), cut
+    into accum_steps micro-batches; ``shard=(i, n)`` keeps input pipeline i's share of each
+    micro-batch, before any file is read, in batches of ``replica_batch`` (default: the share).
+    Returns (dataset, error log)."""
     import load_dataset
 
-    level, patch, batch = args["level"], args["patch_size"], args["batch_size"]
-    common = dict(train_size=args["train_size"], whole=args["whole_dataset"], patch=patch, seed=args["seed"],
-                  skip_bad=args["skip_bad"], refresh_every=args["refresh_every"])
-    if start_step == 0:
-        ds = load_dataset.train_dataset(args["dataset_dir"], level, batch, **common)
-    else:
-        # Skip the sample plans of the steps already done without reading their files: the
-        # plan generator is the same one train_dataset uses, so the stream continues exactly.
-        import tensorflow as tf
-
-        indices = load_dataset.check_dataset(args["dataset_dir"], "train", skip_bad=args["skip_bad"], verbose=False)
-        train_size = min(common["train_size"], len(indices))
-        if not common["whole"] and common["train_size"] > len(indices):
-            load_dataset.warn(f"train_size={common['train_size']} is larger than the {len(indices)} training "
-                              f"patches of {args['dataset_dir']}: using all {len(indices)}")
-
-        def generator():
-            return load_dataset.train_plan(indices, batch, train_size, common["whole"], patch, level,
-                                           common["seed"], common["refresh_every"])
-
-        plans = tf.data.Dataset.from_generator(generator, output_signature=tf.TensorSpec((5,), tf.int64))
-        plans = plans.skip(start_step * batch)
-        ds = load_dataset._pipeline(plans, args["dataset_dir"], "train", level, patch, batch, args["skip_bad"],
-                                    drop_remainder=True)
-    log = ds._pynet_error_log
-    if args["accum_steps"] > 1:
-        # The plan (subset redraws included) follows optimizer steps of batch_size samples, as
-        # the reference; each step's batch is then cut into accum_steps micro-batches.
-        ds = ds.unbatch().batch(micro_batch(args), drop_remainder=True)
-    return ds, log
+    ds = load_dataset.train_dataset(
+        args["dataset_dir"], args["level"], args["batch_size"], train_size=args["train_size"],
+        whole=args["whole_dataset"], patch=args["patch_size"], seed=args["seed"], skip_bad=args["skip_bad"],
+        refresh_every=args["refresh_every"], start_batch=start_step, micro_batches=args["accum_steps"],
+        shard=shard, out_batch=replica_batch, indices=indices)
+    return ds, ds._pynet_error_log
 
 
 def test_data(args):
@@ -384,7 +441,8 @@ class Steps:
     the steps call the replica function directly: no strategy.run / reduce in the graph.
     """
 
-    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision, xla=False):
+    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision, xla=False,
+                 distributed=None):
         import tensorflow as tf
 
         import losses
@@ -395,7 +453,8 @@ class Steps:
         self.mixed = mixed_precision
         self.trainable = view.trainable_variables
         self.accumulators = None
-        distributed = strategy.num_replicas_in_sync > 1 or tf_config_tasks() > 1
+        if distributed is None:
+            distributed = strategy.num_replicas_in_sync > 1 or tf_config_tasks() > 1
         if accum_steps > 1:
             with strategy.scope():
                 # one local sum per replica (ON_READ), all-reduced by the optimizer when applied
@@ -488,10 +547,10 @@ class Steps:
 def _rename_checkpoint_files(tmp_prefix, prefix):
     folder = os.path.dirname(tmp_prefix) or "."
     base = os.path.basename(tmp_prefix)
-    files = [n for n in os.listdir(folder) if n.startswith(base + ".")]
+    files = [n for n in utils.listdir(folder) if n.startswith(base + ".")]
     # data files first, the index last: a checkpoint is complete once its index exists
     for name in sorted(files, key=lambda n: n.endswith(".index")):
-        os.replace(os.path.join(folder, name), prefix + name[len(base):])
+        utils.rename(os.path.join(folder, name), prefix + name[len(base):])
 
 
 def state_variables(optimizer, counters):
@@ -650,34 +709,28 @@ class Trainer:
         self.args, self.out = args, out
         self.level = args["level"]
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.chief = is_chief()
+        self.cluster = multi_worker_cluster(self.strategy)
+        self.chief = self.cluster.is_chief if self.cluster is not None else is_chief()
         self.stop = stop or StopRequest()
         self.on_step = on_step
+        self.replicas = self.strategy.num_replicas_in_sync
+        self.distributed = self.replicas > 1 or self.cluster is not None
 
-        import losses
-        import vgg as vgg_module
-
-        # cheap checks first: the output folders, the VGG file, the checkpoint to start from, the data
-        for name in ("models_dir", "results_dir"):
-            utils.check_output_dir(args[name], name)
-        needs_vgg = losses.uses_content(self.level)
-        if needs_vgg and args["vgg_dir"].lower() == "none":
-            out(NO_VGG_WARNING.format(level=self.level))
-            needs_vgg = False
-        if needs_vgg and not os.path.isfile(args["vgg_dir"]):
-            raise UserError(vgg_module.missing_file_message(args["vgg_dir"]))
-        self.start = find_start(args, log=out)
-        replicas = self.strategy.num_replicas_in_sync
-        if micro_batch(args) % replicas:
-            raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {replicas} "
-                             f"replicas of the strategy")
-        self.test_ds, self.test_log, self.test_indices = test_data(args)
-        self.train_ds, self.train_log = train_data(args, start_step=self.start.iteration + 1)
+        failure = None
+        try:
+            self.prepare()
+        except UserError as err:
+            if self.cluster is None:
+                raise
+            failure = err  # said after the others learn of it, so that no task waits for this one
+        if self.cluster is not None:
+            self.agree_on_start(failure)
 
         import model as pynet
+        import vgg
 
         with self.strategy.scope():
-            self.vgg = vgg_module.load_vgg(args["vgg_dir"]) if needs_vgg else None
+            self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.needs_vgg else None
             self.model = model if model is not None else pynet.PyNET(instance_norm=True, instance_norm_level_1=False)
             self.view = pynet.level_model(self.model, self.level)
             self.optimizer = build_optimizer(args)
@@ -688,8 +741,45 @@ class Trainer:
                              "loss_sum": tf.Variable(0.0, dtype=tf.float64, trainable=False),
                              "loss_count": tf.Variable(0, dtype=tf.int64, trainable=False)}
         self.steps = Steps(self.strategy, self.view, self.optimizer, self.level, self.vgg, args["batch_size"],
-                           args["accum_steps"], args["mixed_precision"], args["xla"])
+                           args["accum_steps"], args["mixed_precision"], args["xla"], self.distributed)
         self.restore_start()
+
+    def prepare(self):
+        """The cheap checks, in order: output folders, the VGG file, the start point, the data."""
+        import load_dataset
+        import losses
+        import vgg
+
+        args, out = self.args, self.out
+        for name in ("models_dir", "results_dir"):
+            utils.check_output_dir(args[name], name)
+        self.needs_vgg = losses.uses_content(self.level)
+        if self.needs_vgg and args["vgg_dir"].lower() == "none":
+            out(NO_VGG_WARNING.format(level=self.level))
+            self.needs_vgg = False
+        if self.needs_vgg and not utils.isfile(args["vgg_dir"]):
+            raise UserError(vgg.missing_file_message(args["vgg_dir"]))
+        self.start = find_start(args, log=out)
+        if micro_batch(args) % self.replicas:
+            raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {self.replicas} "
+                             f"replicas of the strategy")
+        self.test_ds, self.test_log, self.test_indices = test_data(args)
+        self.train_indices = load_dataset.check_dataset(args["dataset_dir"], "train", skip_bad=args["skip_bad"])
+        if not self.distributed:  # under a strategy, each input pipeline is built in run() for its share
+            self.train_ds, self.train_log = train_data(args, self.start.iteration + 1, indices=self.train_indices)
+
+    def agree_on_start(self, failure):
+        """Every task must start from what the chief starts from (same kind, checkpoint files and
+        settings): compared across the tasks before anything is built or written; on a
+        difference every task stops with one line."""
+        row = start_row(self.args, None if failure is not None else self.start)
+        with self.lost_peer("before training"):
+            rows = cluster_module.exchange(self.strategy, self.cluster, row)
+        if failure is not None:
+            raise failure
+        problem = start_disagreement(rows, self.cluster, self.args)
+        if problem:
+            raise UserError(problem)
 
     def restore_start(self):
         import model as pynet
@@ -741,32 +831,25 @@ class Trainer:
 
     def run(self):
         """Train; returns the path of the last checkpoint written."""
-        import tensorflow as tf
-
         args, level = self.args, self.level
         models_dir = args["models_dir"]
         last_iter = args["num_train_iters"]
         first = int(self.counters["iteration"].numpy()) + 1  # 0, or the step after the resumed one
         if self.chief:
             checkpoints.prepare_folders(args, self.start.kind, log=self.out)
-            os.makedirs(models_dir, exist_ok=True)
-            os.makedirs(args["results_dir"], exist_ok=True)
+            utils.makedirs(models_dir)
+            utils.makedirs(args["results_dir"])
             # The reference truncates logs.txt at the start of every run; resuming appends.
-            with open(os.path.join(models_dir, "logs.txt"), "a" if self.start.kind == "resume" else "w"):
-                pass
+            logs = os.path.join(models_dir, "logs.txt")
+            if self.start.kind != "resume" or not utils.exists(logs):
+                utils.write_file(logs, b"")
         if first > last_iter:
             self.out(f"level {level} already has {first} of {last_iter + 1} steps: nothing to do")
             return self.start.prefix
 
-        train_ds, train_log, test_ds, test_log = self.train_ds, self.train_log, self.test_ds, self.test_log
+        test_ds, test_log = self.test_ds, self.test_log
         crops = visual_crops(args, self.test_indices)
-        if self.strategy.num_replicas_in_sync > 1 or tf_config_tasks() > 1:
-            options = tf.data.Options()
-            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-            dist = self.strategy.experimental_distribute_dataset(train_ds.with_options(options))
-        else:
-            dist = train_ds
-        iterator = iter(dist)
+        iterator, train_log = self.train_input(first)
         writer = None
         if args["tensorboard"] and self.chief:
             writer = Summaries(os.path.join(models_dir, "tensorboard", f"level_{level}"))
@@ -782,7 +865,10 @@ class Trainer:
             wait_total, step_total = 0.0, 0.0
             for i in range(first, last_iter + 1):
                 t0 = time.perf_counter()
-                loss, waited = self.steps.train_step(lambda: next_batch(iterator, train_log))
+                with self.lost_peer(f"during iteration {i} of level {level}"):
+                    loss, waited = self.steps.train_step(lambda: next_batch(iterator, train_log))
+                    if self.cluster is not None:
+                        self.stop.reason = self.agreed_stop()
                 step_total += time.perf_counter() - t0
                 wait_total += waited
                 if not np.isfinite(loss):
@@ -803,8 +889,12 @@ class Trainer:
                 elif self.stop.reason is not None:
                     last_saved = self.save(i)
                 if self.stop.reason is not None and i < last_iter:
+                    self.barrier(f"after iteration {i} of level {level}")
+                    saved = f"saved {last_saved}" if self.chief else \
+                        f"the chief ({self.cluster.chief.name}) saved iteration {i} in its models_dir"
                     raise TrainingStopped(f"stopped by {self.stop.reason} after iteration {i} of level {level}; "
-                                          f"saved {last_saved}: continue with resume=true")
+                                          f"{saved}: continue with resume=true")
+            self.barrier(f"after iteration {last_iter} of level {level}")
         finally:
             if bar is not None:
                 bar.close()
@@ -812,6 +902,54 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return last_saved
+
+    def barrier(self, when):
+        """With several tasks, wait until every task is here (the chief has saved) before
+        leaving; see cluster.leave_together."""
+        if self.cluster is not None:
+            with self.lost_peer(when):
+                cluster_module.leave_together(self.strategy, self.cluster)
+
+    def train_input(self, first):
+        """An iterator over the training batches from step ``first`` on, and its error log. Under
+        a strategy each input pipeline (a worker) reads and decodes only its own share of every
+        micro-batch, each replica getting batch_size / accum_steps / replicas samples: the same
+        samples per step as on one device, so losses and resume are unchanged."""
+        if not self.distributed:
+            return iter(self.train_ds), self.train_log
+        logs = []
+
+        def dataset_fn(context):
+            ds, log = train_data(self.args, first, shard=(context.input_pipeline_id, context.num_input_pipelines),
+                                 replica_batch=context.get_per_replica_batch_size(micro_batch(self.args)),
+                                 indices=self.train_indices)
+            logs.append(log)
+            return ds
+
+        dist = self.strategy.distribute_datasets_from_function(dataset_fn)
+        return iter(dist), logs[0]
+
+    def agreed_stop(self):
+        """The stop every task agrees on after a step: a Ctrl-C / SIGTERM on any task stops all of
+        them after the same iteration (one small all-reduce per step), naming where it came from."""
+        mine = self.stop.reason
+        code = 0 if mine is None else getattr(signal.Signals, str(mine), signal.SIGTERM).value
+        codes = cluster_module.exchange(self.strategy, self.cluster, [code])[:, 0]
+        for task, value in zip(self.cluster.tasks, codes):
+            if value:
+                return f"{signal.Signals(int(value)).name} on {task.name}"
+        return None
+
+    @contextlib.contextmanager
+    def lost_peer(self, when):
+        """A collective that failed because another task went away, as one line."""
+        try:
+            yield
+        except Exception as exc:
+            message = cluster_module.lost_peer(exc, self.cluster, when)
+            if message is None:
+                raise
+            raise UserError(message) from None
 
     def checkpoint(self, i, test_ds, test_log, crops, writer, bar):
         """Evaluate, log, save the visual results and the checkpoint (the reference's eval block)."""
@@ -826,8 +964,7 @@ class Trainer:
         self.counters["loss_count"].assign(0)
         if not self.chief:
             return None
-        with open(os.path.join(self.args["models_dir"], "logs.txt"), "a") as handle:
-            handle.write(line + "\n")
+        utils.append_text(os.path.join(self.args["models_dir"], "logs.txt"), line + "\n")
         if writer is not None:
             writer.scalar("train/loss_since_last_eval", training, i)
             for key in ("loss", "content", "mse", "psnr", "ms_ssim"):
@@ -838,12 +975,15 @@ class Trainer:
         return self.save(i)
 
     def save(self, i):
+        """Write the checkpoint of iteration ``i`` (the chief; the other tasks write nothing and
+        return None)."""
         prefix = utils.checkpoint_prefix(self.args["models_dir"], self.level, i)
-        if self.chief:
-            try:
-                save_training_checkpoint(self.model, self.optimizer, self.counters, prefix)
-            except checkpoints.NonFiniteWeights as err:
-                raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
+        if not self.chief:
+            return None
+        try:
+            save_training_checkpoint(self.model, self.optimizer, self.counters, prefix)
+        except checkpoints.NonFiniteWeights as err:
+            raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
         self.last_good = prefix
         return prefix
 
@@ -851,6 +991,8 @@ class Trainer:
         """The one-line error that stops a run gone non-finite; only a checkpoint with finite
         weights is named as good (see save_checkpoint)."""
         where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
+        if not self.chief:
+            where = f"the chief ({self.cluster.chief.name if self.cluster else 'worker 0'}) keeps the last good one"
         return UserError(f"{what} at iteration {i} of level {self.level}: stopping without saving ({where}); "
                          f"try a lower learning_rate")
 
@@ -872,7 +1014,7 @@ def main(argv):
     import load_dataset
 
     print(load_dataset.describe_dataset(args["dataset_dir"]))
-    strategy = make_strategy(args["strategy"], args["devices"])
+    strategy = make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
     configure(args)
     print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
     Trainer(args, strategy).run()

@@ -213,6 +213,90 @@ def restore_iter_arg() -> Arg:
 
 
 # ---------------------------------------------------------------------------------------
+# files: local paths through os, URLs (gs://, s3://, hdfs://, ram://...) through tf.io.gfile
+#
+# Local paths keep os: its errors carry errno (a full disk is one line naming the file) and
+# nothing imports TensorFlow before select_cpu_kernels has run. Every file the scripts read
+# or write goes through these helpers, so dataset_dir=, models_dir=, results_dir= ... may be
+# any filesystem TensorFlow knows.
+
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def exists(path) -> bool:
+    return _gfile().exists(path) if is_url(path) else os.path.exists(path)
+
+
+def isdir(path) -> bool:
+    return _gfile().isdir(path) if is_url(path) else os.path.isdir(path)
+
+
+def isfile(path) -> bool:
+    if is_url(path):
+        return _gfile().exists(path) and not _gfile().isdir(path)
+    return os.path.isfile(path)
+
+
+def listdir(path) -> list:
+    return [name.rstrip("/") for name in _gfile().listdir(path)] if is_url(path) else os.listdir(path)
+
+
+def makedirs(path) -> None:
+    if is_url(path):
+        _gfile().makedirs(path)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def remove(path) -> None:
+    """Remove a file or a folder tree."""
+    if is_url(path):
+        (_gfile().rmtree if _gfile().isdir(path) else _gfile().remove)(path)
+    elif os.path.isdir(path) and not os.path.islink(path):
+        import shutil
+
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def rename(source, target) -> None:
+    """Rename ``source`` to ``target``, replacing it (atomic on local and RAM filesystems; on
+    object stores such as gs:// a copy whose result appears only once complete)."""
+    if is_url(source) or is_url(target):
+        _gfile().rename(source, target, overwrite=True)
+    else:
+        os.replace(source, target)
+
+
+def open_file(path, mode="rb"):
+    return _gfile().GFile(path, mode) if is_url(path) else open(path, mode)
+
+
+def read_bytes(path) -> bytes:
+    with open_file(path, "rb") as handle:
+        return handle.read()
+
+
+def append_text(path, text) -> None:
+    """Append to a text file (a log): object stores cannot append, so there the file is
+    rewritten whole, atomically."""
+    if is_url(path):
+        old = read_bytes(path) if exists(path) else b""
+        write_file(path, old + text.encode())
+    else:
+        with open(path, "a") as handle:
+            handle.write(text)
+
+
+# ---------------------------------------------------------------------------------------
 # checkpoints on disk
 
 ORIGINAL_CHECKPOINT = "models/original/pynet_level_0.ckpt"
@@ -244,8 +328,8 @@ def checkpoint_iterations(level: int, models_dir: str = "models/", suffix: str =
     """Sorted iterations of the complete ``pynet_level_{level}_iteration_{i}.ckpt{suffix}`` checkpoints
     (those with an ``.index``) in ``models_dir``."""
     found = []
-    if os.path.isdir(models_dir):
-        for name in os.listdir(models_dir):
+    if isdir(models_dir):
+        for name in listdir(models_dir):
             if name.endswith(suffix + ".index"):
                 parsed = parse_checkpoint_prefix(name[: -len(suffix + ".index")])
                 if parsed is not None and parsed[0] == level:
@@ -279,15 +363,19 @@ def _check_writable_below(path: str, name: str, given: str, what: str) -> None:
 
 def check_output_dir(path: str, name: str) -> None:
     """UserError unless ``path`` is a folder or can be made one (argument ``name``)."""
-    if os.path.exists(path) and not os.path.isdir(path):
+    if exists(path) and not isdir(path):
         raise UserError(f"{name}={path}: is a file, not a folder")
+    if is_url(path):
+        return  # a remote store says whether it can be written only when it is
     _check_writable_below(path, name, path, "make this folder")
 
 
 def check_output_file(path: str, name: str) -> None:
     """UserError unless ``path`` can be written as a file (argument ``name``)."""
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+    if isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"{name}={path}: is a folder, expected a file name")
+    if is_url(path):
+        return
     _check_writable_below(os.path.dirname(os.path.abspath(path)), name, path, "write there")
 
 
@@ -306,14 +394,14 @@ def atomic_path(path: str):
     tmp = os.path.join(folder, f".{stem}.tmp{os.getpid()}{ext}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        rename(tmp, path)
     except OSError as err:  # a full disk...: said of the file the user asked for
         if err.errno is None:
             raise
         raise OSError(err.errno, err.strerror, path) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if exists(tmp):
+            remove(tmp)
 
 
 # Temporary names of this project's writers, with the writer's process id: atomic_path's
@@ -351,8 +439,8 @@ def remove_stale_temps(folder: str) -> list:
     import shutil
 
     removed = []
-    if not os.path.isdir(folder):
-        return removed
+    if is_url(folder) or not os.path.isdir(folder):
+        return removed  # on shared storage a writer's process id says nothing: only local folders
     for name in sorted(os.listdir(folder)):
         pid = temp_owner(name)
         if pid is None or pid == os.getpid() or _alive(pid):
@@ -393,9 +481,9 @@ def png_header(path: str, data: bytes = None) -> dict:
     import struct
 
     if data is None:
-        if not os.path.isfile(path):
+        if not isfile(path):
             raise UserError(f"{path}: file not found")
-        with open(path, "rb") as handle:
+        with open_file(path, "rb") as handle:
             data = handle.read(33)
     if data[:8] != PNG_SIGNATURE:
         raise UserError(_not_png(path, data[:8]))
@@ -448,10 +536,9 @@ def read_mosaic(path: str):
     import numpy as np
     from PIL import Image
 
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise UserError(f"{path}: file not found")
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = read_bytes(path)
     mosaic_header(path, data)
     _check_png_chunks(path, data)
     try:
@@ -473,10 +560,9 @@ def read_jpeg(path: str):
     stderr; libjpeg-turbo through simplejpeg with ``strict=True`` refuses it, naming the file."""
     import simplejpeg
 
-    if not os.path.isfile(path):
+    if not isfile(path):
         raise UserError(f"{path}: file not found")
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = read_bytes(path)
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
     except ValueError as exc:
@@ -504,9 +590,9 @@ def write_file(path: str, data: bytes) -> None:
     nothing behind (no temporary file, no half-closed handle of a library)."""
     folder = os.path.dirname(path)
     if folder:
-        os.makedirs(folder, exist_ok=True)
+        makedirs(folder)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
+        with open_file(tmp, "wb") as handle:
             handle.write(data)
 
 

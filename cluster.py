@@ -1,0 +1,290 @@
+"""Several workers (TF_CONFIG, MultiWorkerMirroredStrategy): what train_model.py needs beyond
+TensorFlow's own strategy so that a cluster's faults end in one line instead of a hang.
+
+* ``read_tf_config()``: TF_CONFIG validated once (through TensorFlow's TFConfigClusterResolver),
+  for every strategy; a bad one is a one-line UserError.
+* ``wait_for_peers(cluster, timeout)``: every other task's port probed with plain sockets, in
+  the main thread, before the strategy is created (whose own wait is silent, endless and deaf
+  to SIGTERM), with a deadline.
+* ``exchange(strategy, cluster, row)``: every task's row of numbers, gathered on every task
+  by one all-reduce; the start-point agreement and the coordinated stop use it.
+* ``leave_together(strategy, cluster)``: the tasks' last meeting before they exit.
+* ``lost_peer(exc, cluster, when)``: a collective that failed because a task went away, as one line.
+* ``check_devices(devices)``: the ``devices=`` of a mirrored strategy, against the devices
+  TensorFlow sees.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+
+from utils import UsageError, UserError
+
+TASK_TYPES = ("chief", "worker")  # what MultiWorkerMirroredStrategy runs
+
+
+class Task:
+    def __init__(self, kind, index, address):
+        self.kind, self.index, self.address = kind, index, address
+
+    @property
+    def name(self):
+        return f"{self.kind} {self.index}" if self.kind == "worker" else self.kind
+
+    def __repr__(self):
+        return f"Task({self.kind!r}, {self.index}, {self.address!r})"
+
+
+class Cluster:
+    """The tasks of TF_CONFIG in a fixed order (the chief first, then the workers by index) and
+    which one this process is."""
+
+    def __init__(self, tasks, me):
+        self.tasks, self.me = tasks, me
+
+    @property
+    def chief(self):
+        return self.tasks[0]  # "chief" when there is one, else worker 0
+
+    @property
+    def is_chief(self):
+        return self.me is self.chief
+
+    def position(self, task=None):
+        return self.tasks.index(task or self.me)
+
+    def find(self, kind, index):
+        for task in self.tasks:
+            if task.kind == kind and task.index == index:
+                return task
+        return None
+
+    def __len__(self):
+        return len(self.tasks)
+
+
+def _problem(text):
+    return UserError(f"TF_CONFIG: {text}")
+
+
+def task_count():
+    """Number of tasks TF_CONFIG declares (0 when unset), without importing TensorFlow (the CPU
+    kernels are chosen before it starts); a bad TF_CONFIG is the one-line UserError."""
+    config = _checked_json()
+    return 0 if config is None else sum(len(tasks) for tasks in config["cluster"].values())
+
+
+def _checked_json():
+    text = os.environ.get("TF_CONFIG")
+    if not text or not text.strip():
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise _problem(f"not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict) or not config["cluster"]:
+        raise _problem('expected a JSON object with "cluster" (e.g. {"worker": ["host1:port", "host2:port"]}) '
+                       'and "task" ({"type": "worker", "index": 0})')
+    for kind, addresses in config["cluster"].items():
+        if kind not in TASK_TYPES:
+            raise _problem(f"task type {kind!r} in the cluster: MultiWorkerMirroredStrategy takes "
+                           f"{' and '.join(TASK_TYPES)} tasks only")
+        if not isinstance(addresses, list) or not addresses:
+            raise _problem(f"the cluster's {kind!r} entry must be a non-empty list of \"host:port\" addresses")
+        for address in addresses:
+            if not isinstance(address, str) or not re.fullmatch(r"\S+:\d{1,5}", address):
+                raise _problem(f"{address!r} in the cluster's {kind!r} list is not a \"host:port\" address")
+    if len(config["cluster"].get("chief", [])) > 1:
+        raise _problem("the cluster has several chief tasks; one at most")
+    return config
+
+
+def read_tf_config():
+    """The Cluster that TF_CONFIG describes, None when it is unset; a one-line UserError for
+    anything MultiWorkerMirroredStrategy would choke on later with a traceback."""
+    if _checked_json() is None:
+        return None
+    import tensorflow as tf
+
+    # TensorFlow's own reading, so that what is accepted here is what the strategy will see
+    try:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        spec = resolver.cluster_spec().as_dict()
+        kind, index = resolver.task_type, resolver.task_id
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise _problem(f"TensorFlow cannot read it ({err})") from None
+    if kind is None:
+        raise _problem('no "task": give this process\'s {"type": "worker", "index": ...}')
+    if kind not in spec:
+        raise _problem(f"task type {kind!r} is not in the cluster (it has {', '.join(sorted(spec))})")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(spec[kind]):
+        raise _problem(f"task index {index!r} is out of range: the cluster has {len(spec[kind])} {kind} task(s), "
+                       f"indices 0 to {len(spec[kind]) - 1}")
+    tasks = [Task("chief", 0, spec["chief"][0])] if "chief" in spec else []
+    tasks += [Task("worker", i, address) for i, address in enumerate(spec.get("worker", []))]
+    me = next(t for t in tasks if t.kind == kind and t.index == index)
+    return Cluster(tasks, me)
+
+
+# ---------------------------------------------------------------------------------------
+# waiting for the other tasks
+
+class StoppedWaiting(UserError):
+    exit_code = 130
+
+
+def _answers(address, timeout=1.0):
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _listen(address):
+    """A plain listener on this task's own port, so that peers probing it before TensorFlow's
+    server starts find it; closed before the strategy binds the port. A port already taken is
+    the one-line error here rather than the strategy's traceback."""
+    port = int(address.rsplit(":", 1)[1])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("", port))
+        sock.listen(16)
+    except OSError as err:
+        sock.close()
+        raise UserError(f"TF_CONFIG: this task's address {address} cannot be used here ({err.strerror}): is another "
+                        f"process holding port {port}?") from None
+    return sock
+
+
+def wait_for_peers(cluster, timeout, out=print, poll=0.5):
+    """Return once every other task's port answers; a one-line UserError after ``timeout``
+    seconds, and a clean stop (exit 130) on Ctrl-C or SIGTERM meanwhile."""
+    def on_signal(signum, frame):
+        raise StoppedWaiting(f"stopped by {signal.Signals(signum).name} while waiting for the other tasks; "
+                             f"nothing was written")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    listener = _listen(cluster.me.address)
+    try:
+        pending = [t for t in cluster.tasks if t is not cluster.me]
+        announced = set()
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [t for t in pending if not _answers(t.address)]
+            if not pending:
+                return
+            for task in pending:
+                if task.name not in announced:
+                    announced.add(task.name)
+                    out(f"waiting for {task.name} at {task.address} (up to cluster_timeout={timeout:g} s)", flush=True)
+            if time.monotonic() > deadline:
+                task = pending[0]
+                raise UserError(f"{task.name} at {task.address} did not answer within cluster_timeout={timeout:g} s: "
+                                f"start it with its own TF_CONFIG, or check that address (host, port, firewall); "
+                                f"nothing was written")
+            time.sleep(poll)
+    finally:
+        listener.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------
+# collectives
+
+def exchange(strategy, cluster, row):
+    """Every task's ``row`` (numbers), as a (tasks x len(row)) float64 array on every task.
+
+    One all-reduce (sum) of a matrix in which each task fills its own row from its first
+    local replica and zeros elsewhere: the rows arrive exactly (float64 holds the 32-bit
+    checksums and iteration counts put into them)."""
+    import numpy as np
+    import tensorflow as tf
+
+    matrix = np.zeros((len(cluster), len(row)), np.float64)
+    matrix[cluster.position()] = row
+    calls = []
+
+    def per_replica(context):
+        calls.append(context)
+        return tf.constant(matrix if len(calls) == 1 else np.zeros_like(matrix))
+
+    values = strategy.experimental_distribute_values_from_function(per_replica)
+    total = getattr(strategy, "_pynet_exchange", None)
+    if total is None:  # one function per strategy: called at every step, it must not be traced again
+        @tf.function
+        def total(values):
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(tf.identity, args=(values,)), axis=None)
+
+        strategy._pynet_exchange = total
+    return total(values).numpy()
+
+
+def leave_together(strategy, cluster):
+    """Meet every task, then silence TensorFlow's native logs (sys.stderr keeps the terminal)
+    and meet again. The task that exits last finds the other's end of the coordination
+    service gone and TensorFlow logs connection errors at its exit, after the run's last
+    line, which they would bury; past the second meeting every task is silenced."""
+    import sys
+
+    exchange(strategy, cluster, [0])
+    sys.stderr.flush()
+    original = os.dup(sys.stderr.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+    sys.stderr = os.fdopen(original, "w", buffering=1)
+    exchange(strategy, cluster, [0])
+
+
+_TASK_IN_MESSAGE = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+LOST_PEER_ERRORS = ("UnavailableError", "AbortedError", "CancelledError", "DeadlineExceededError", "InternalError")
+
+
+def lost_peer(exc, cluster, when):
+    """The one line for a collective that failed because another task went away (it was
+    stopped, crashed or lost the network), or None when ``exc`` is something else."""
+    if cluster is None or len(cluster) < 2 or type(exc).__name__ not in LOST_PEER_ERRORS:
+        return None
+    text = getattr(exc, "message", None) or str(exc)
+    others = [cluster.find(k, int(i)) for k, i in _TASK_IN_MESSAGE.findall(text)]
+    others = [t for t in others if t is not None and t is not cluster.me]
+    who = f"{others[0].name} ({others[0].address})" if others else "another task"
+    reason = "it stopped sending heartbeats" if "heartbeat" in text else type(exc).__name__
+    return (f"{who} went away {when} ({reason}): stopping this task too; once every task runs again, "
+            f"continue with resume=true")
+
+
+# ---------------------------------------------------------------------------------------
+# devices of a mirrored strategy
+
+def check_devices(devices: str):
+    """The device names of ``devices=``, each one TensorFlow sees here, none twice; a one-line
+    UsageError otherwise (an unknown device makes MirroredStrategy count a replica it then
+    waits for forever)."""
+    import tensorflow as tf
+
+    names = [d.strip() for d in devices.split(",") if d.strip()]
+    seen = {}
+    for device in tf.config.list_logical_devices():
+        spec = tf.DeviceSpec.from_string(device.name)
+        seen[(spec.device_type.upper(), spec.device_index)] = device.name
+    visible = ", ".join(f"/{kind.lower()}:{index}" for kind, index in sorted(seen))
+    keys = []
+    for name in names:
+        try:
+            spec = tf.DeviceSpec.from_string(name)
+        except ValueError:
+            spec = None
+        key = (spec.device_type.upper(), spec.device_index if spec.device_index is not None else 0) \
+            if spec is not None and spec.device_type else None
+        if key not in seen:
+            raise UsageError(f"devices={devices}: {name} is not a device TensorFlow sees here (it sees {visible})")
+        if key in keys:
+            raise UsageError(f"devices={devices}: {name} is given twice")
+        keys.append(key)
+    return names
