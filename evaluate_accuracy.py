@@ -201,8 +201,17 @@ def write_csv(path: str, names, scores) -> None:
                 writer.writerow([name] + ["" if scores[c] is None else "%.6f" % scores[c][i] for c in columns])
 
 
+def parse_arguments(argv) -> dict:
+    return utils.parse_args(argv, ARGS, "evaluate_accuracy.py", __doc__.strip().splitlines()[0])
+
+
 def main(argv):
-    params = utils.parse_args(argv, ARGS, "evaluate_accuracy.py", __doc__.strip().splitlines()[0])
+    evaluate_and_report(parse_arguments(argv))
+
+
+def evaluate_and_report(params) -> dict:
+    """Score the model (or the baseline) that ``params`` name on the test split, print the
+    reference's lines, and return the per-patch scores (see evaluate)."""
     utils.select_cpu_kernels(training=False)
     import load_dataset
 
@@ -236,6 +245,7 @@ def main(argv):
     if params["csv"]:
         write_csv(params["csv"], [f"{i}.png" for i in indices], scores)
         print(f"per-patch scores: {params['csv']}")
+    return scores
 
 
 if __name__ == "__main__":

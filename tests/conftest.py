@@ -14,6 +14,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TSV_PATH = os.path.join(ROOT, "tests", "data", "pynet_tf1_variables.tsv")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes long; skipped unless selected with -m slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run only when asked for (python -m pytest -m slow tests), so that the default
+    suite, which CI runs, stays within its time."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with python -m pytest -m slow tests")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def full_model():
     """The full PyNET (all levels), as every script builds it. Do not leave its weights changed."""
