@@ -189,8 +189,17 @@ def write_csv(path: str, names, scores) -> None:
     utils.write_file(path, text.getvalue().encode())
 
 
+def parse_arguments(argv) -> dict:
+    return utils.parse_args(argv, ARGS, "evaluate_accuracy.py", __doc__.strip().splitlines()[0])
+
+
 def main(argv):
-    params = utils.parse_args(argv, ARGS, "evaluate_accuracy.py", __doc__.strip().splitlines()[0])
+    evaluate_and_report(parse_arguments(argv))
+
+
+def evaluate_and_report(params) -> dict:
+    """Score the model (or the baseline) that ``params`` name on the test split, print the
+    reference's lines, and return the per-patch scores (see evaluate)."""
     utils.select_cpu_kernels(training=False)
     import load_dataset
 
@@ -226,6 +235,7 @@ def main(argv):
     if params["csv"]:
         write_csv(params["csv"], [f"{i}.png" for i in indices], scores)
         print(f"per-patch scores: {params['csv']}")
+    return scores
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ BLACK_LEVEL = 63
 WHITE_LEVEL = load_dataset.MAX_RAW_VALUE  # 1023
 MOSAIC = load_dataset.MOSAIC              # 448
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The photo each full-resolution mosaic was made from, same name, as a PNG: the sample's only
+# addition to the ZRR layout (ZRR has no aligned target for its full-resolution photos).
+FULL_RES_TARGET_FOLDER = "full_resolution_target"
 
 # Photographs shipped inside scikit-image (skimage/data), with the credits its docs give.
 PHOTO_CREDITS = {
@@ -175,12 +178,20 @@ def load_photos(photos_dir):
 
 
 def split_photos(photos):
-    """(train photos, test photos): about a fifth (at least one) kept for the test split when
-    there are two or more photos; a single photo serves both splits."""
-    if len(photos) < 2:
-        return photos, photos
-    n_test = max(1, len(photos) // 5)
-    return photos[:-n_test], photos[-n_test:]
+    """(train parts, test parts): every photo cut in two halves across its longer side, the first
+    half for training and the second for the test split and the full-resolution mosaics. Every
+    photo then shows up in the test split, which a held-out whole photo (one of four) could not
+    give, and no test pixel is ever seen in training."""
+    train, test = [], []
+    for name, photo, credit in photos:
+        height, width = photo.shape[:2]
+        if width >= height:
+            first, second = photo[:, : width // 2], photo[:, width // 2:]
+        else:
+            first, second = photo[: height // 2], photo[height // 2:]
+        train.append((name, np.ascontiguousarray(first), credit))
+        test.append((name, np.ascontiguousarray(second), credit))
+    return train, test
 
 
 def random_crop(photo, height, width, rs, max_zoom=1.5):
@@ -224,9 +235,10 @@ def marker_text(sources, args, counts) -> str:
         f"seed: {args['seed']}, noise: {str(args['noise']).lower()}, black level: {args['black_level']}, "
         f"white level: {WHITE_LEVEL}, JPEG quality: {args['jpeg_quality']}",
         "",
-        "source photographs:",
+        "source photographs (each cut in two across its longer side: the first half for train/,",
+        f"the second for test/, including the full-resolution mosaics and their photos in test/{FULL_RES_TARGET_FOLDER}/):",
     ]
-    lines += [f"  {split}: {name}: {credit}" for split, name, credit in sources]
+    lines += [f"  {name}: {credit}" for name, credit in sources]
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +254,7 @@ def _check_output_dir(output_dir):
     return False
 
 
-def build(output_dir, photos=None, train=300, test=60, full=2, full_height=512, full_width=768, seed=0,
+def build(output_dir, photos=None, train=300, test=60, full=2, full_height=768, full_width=512, seed=0,
           noise=True, black_level=BLACK_LEVEL, jpeg_quality=95, progress=True) -> str:
     """Write the sample dataset to ``output_dir`` (built aside, then moved in). Returns the marker path."""
     if full_height % 32 or full_width % 32 or full_height < 32 or full_width < 32:
@@ -263,23 +275,26 @@ def build(output_dir, photos=None, train=300, test=60, full=2, full_height=512, 
             for sub in (load_dataset.RAW_FOLDER, load_dataset.TARGET_FOLDER):
                 os.makedirs(os.path.join(work, split, sub))
         os.makedirs(os.path.join(work, "test", load_dataset.FULL_RES_FOLDER))
+        os.makedirs(os.path.join(work, "test", FULL_RES_TARGET_FOLDER))
         iterator = jobs
         if progress:
             from tqdm import tqdm
             iterator = tqdm(jobs, unit="image", file=sys.stderr, desc="sample dataset", disable=None)
         for split, i, pool in iterator:
-            name, photo, _ = pool[rs.randint(len(pool))]
+            # Each split goes through the photos in turn: every photo has its share of the patches, so
+            # that the test PSNR does not swing with how many patches a random draw gave each scene.
+            name, photo, _ = pool[i % len(pool)]
             if split == "full":
                 crop = random_crop(photo, full_height, full_width, rs, max_zoom=1.0)
                 mosaic, _ = unprocess(crop, rs, noise, black_level)
                 write_mosaic_png(os.path.join(work, "test", load_dataset.FULL_RES_FOLDER, f"{name}_{i}.png"), mosaic)
+                utils.write_png(os.path.join(work, "test", FULL_RES_TARGET_FOLDER, f"{name}_{i}.png"), crop)
                 continue
             crop = random_crop(photo, MOSAIC, MOSAIC, rs)
             mosaic, _ = unprocess(crop, rs, noise, black_level)
             write_mosaic_png(os.path.join(work, split, load_dataset.RAW_FOLDER, f"{i}.png"), mosaic)
             utils.write_jpeg(os.path.join(work, split, load_dataset.TARGET_FOLDER, f"{i}.jpg"), crop, jpeg_quality)
-        sources = [(s, name, credit) for s, pool in (("train", train_photos), ("test", test_photos))
-                   for name, _, credit in pool]
+        sources = [(name, credit) for name, _, credit in photos]
         args = dict(seed=seed, noise=noise, black_level=black_level, jpeg_quality=jpeg_quality,
                     full_height=full_height, full_width=full_width)
         marker = os.path.join(output_dir, load_dataset.MARKER_FILE)
@@ -310,8 +325,8 @@ SPEC = [
     utils.Arg("train", int, 300, "number of training patches", check=_count_check(1)),
     utils.Arg("test", int, 60, "number of test patches", check=_count_check(1)),
     utils.Arg("full", int, 2, "number of full-resolution test mosaics", check=_count_check(0)),
-    utils.Arg("full_height", int, 512, "height of the full-resolution mosaics (multiple of 32)", check=_multiple_of_32),
-    utils.Arg("full_width", int, 768, "width of the full-resolution mosaics (multiple of 32)", check=_multiple_of_32),
+    utils.Arg("full_height", int, 768, "height of the full-resolution mosaics (multiple of 32)", check=_multiple_of_32),
+    utils.Arg("full_width", int, 512, "width of the full-resolution mosaics (multiple of 32)", check=_multiple_of_32),
     utils.Arg("seed", int, 0, "random seed"),
     utils.Arg("noise", utils.BOOL, True, "add shot and read noise to the mosaics"),
     utils.Arg("black_level", int, BLACK_LEVEL, "black level of the 10-bit code values",

@@ -121,6 +121,32 @@ def test_sample_feeds_the_training_and_test_pipelines(sample_dataset):
     assert len(batches) == 3 and batches[0][1].shape == (1, 448, 448, 3)
 
 
+def test_each_photo_gives_its_first_half_to_train_and_its_second_to_test(tmp_path):
+    """Photos whose halves have distinct flat colours: every test patch, full-resolution mosaic
+    and its kept photo comes from a second half, every training patch from a first half, and
+    each split goes through the photos in turn."""
+    halves = {"a": ((200, 40, 40), (40, 200, 40)), "b": ((40, 40, 200), (200, 200, 40)),
+              "c": ((40, 200, 200), (200, 40, 200))}
+    photos = []
+    for name, (first, second) in halves.items():
+        photo = np.empty((120, 200, 3), np.uint8)  # landscape: cut across the width
+        photo[:, :100], photo[:, 100:] = first, second
+        photos.append((name, photo, "test"))
+    root = str(tmp_path / "s")
+    msd.build(root, photos, train=6, test=6, full=3, full_height=64, full_width=32, noise=False, progress=False)
+    names = list(halves)
+    for split, half in (("train", 0), ("test", 1)):
+        for i in range(6):
+            with Image.open(os.path.join(root, split, "canon", f"{i}.jpg")) as image:
+                mean = np.asarray(image).reshape(-1, 3).mean(axis=0)
+            np.testing.assert_allclose(mean, halves[names[i % 3]][half], atol=3)
+    for i, name in enumerate(names):
+        with Image.open(os.path.join(root, "test", msd.FULL_RES_TARGET_FOLDER, f"{name}_{i}.png")) as image:
+            assert image.size == (32, 64)
+            np.testing.assert_allclose(np.asarray(image).reshape(-1, 3).mean(axis=0), halves[name][1], atol=1)
+        assert os.path.isfile(os.path.join(root, "test", "huawei_full_resolution", f"{name}_{i}.png"))
+
+
 def test_same_seed_same_dataset(tmp_path):
     photos = [("flat", np.full((100, 150, 3), 128, np.uint8), "test"), ("grad", np.tile(
         np.arange(150, dtype=np.uint8)[None, :, None], (100, 1, 3)), "test")]
