@@ -27,8 +27,8 @@ import numpy as np
 
 import utils
 
-PYNET_WHITE = 1023                    # 10-bit IMX380
-DEFAULT_BLACK = 63                    # approximate ZRR pedestal (see README: not measured here)
+PYNET_WHITE = utils.WHITE_LEVEL
+DEFAULT_BLACK = utils.BLACK_LEVEL
 DNG_EXTENSIONS = (".dng",)
 PATTERNS = {"RGGB": (0, 0), "GRBG": (0, 1), "GBRG": (1, 0), "BGGR": (1, 1)}  # pattern -> (rows, cols) to drop
 

@@ -22,10 +22,7 @@ import checkpoints
 import utils
 from utils import Arg, UsageError, UserError
 
-# Baseline ISP: the ZRR data do not document the sensor's black level; 64 is the usual
-# black level of 10-bit Sony IMX sensors (256 at 12 bits), used as an assumption.
-BLACK_LEVEL = 64
-WHITE_LEVEL = 1023
+BLACK_LEVEL, WHITE_LEVEL = utils.BLACK_LEVEL, utils.WHITE_LEVEL
 
 
 def _default_orig(values):

@@ -31,7 +31,7 @@ import utils
 
 # The reference divides 10-bit code values by 4 * 255, not by 1023.
 RAW_SCALE = 4 * 255
-MAX_RAW_VALUE = 1023          # 10-bit sensor (Sony IMX380 of the Huawei P20)
+MAX_RAW_VALUE = utils.WHITE_LEVEL  # 10-bit sensor (Sony IMX380 of the Huawei P20)
 MOSAIC = 448                  # side of a ZRR training/test mosaic and of its DSLR JPEG
 PATCH = MOSAIC // 2           # side of the packed network input (224)
 SPLITS = ("train", "test")

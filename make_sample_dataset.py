@@ -4,7 +4,7 @@ Each RAW mosaic is made from a real photograph by running a camera pipeline back
 Brooks et al., "Unprocessing Images for Learned Raw Denoising" (CVPR 2019), with priors chosen
 for a phone sensor: inverse smoothstep tone curve, inverse gamma 2.2, a random sRGB -> camera
 colour matrix, inverse white balance and exposure (highlights protected), an RGGB mosaic,
-optional shot/read noise, then 10-bit code values over a black level of 63 (white 1023).
+optional shot/read noise, then 10-bit code values over a black level of 64 (white 1023; utils.BLACK_LEVEL).
 The DSLR target ("canon") is the photograph's own 448x448 crop as a JPEG, so pairs are exactly
 aligned. It is NOT the Zurich RAW-to-RGB dataset: a marker file (SYNTHETIC_SAMPLE.txt) at the
 root says so, and every script prints which kind of dataset it reads.
@@ -23,7 +23,7 @@ import numpy as np
 import load_dataset
 import utils
 
-BLACK_LEVEL = 63
+BLACK_LEVEL = utils.BLACK_LEVEL
 WHITE_LEVEL = load_dataset.MAX_RAW_VALUE  # 1023
 MOSAIC = load_dataset.MOSAIC              # 448
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png")

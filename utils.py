@@ -19,6 +19,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 LEVELS = (0, 1, 2, 3, 4, 5)
 
+# PyNET's input range: the Huawei P20's Sony IMX380 in 10-bit code values. ZRR does not document
+# the sensor's black level (pedestal); 64 is the usual black level of 10-bit Sony IMX sensors (256
+# at 12 bits), taken as an assumption by the baseline ISP, the synthetic sample and dng_to_png.
+BLACK_LEVEL = 64
+WHITE_LEVEL = 1023
+
 # Reference defaults, indexed by level (the reference's utils.py, process_command_args).
 NUM_DEFAULT_TRAIN_ITERS = (100000, 35000, 20000, 20000, 5000, 5000)
 

@@ -108,9 +108,9 @@ def test_patterns_and_bit_depths_round_trip(tmp_path, pattern, bits):
     out, log = convert(path, output_dir=str(tmp_path / "rggb"), rggb=True)
     np.testing.assert_array_equal(read_png(out), mosaic[rows:, cols:])
 
-    # normalize=true: black -> 63, white -> 1023, per pixel, rounded and clipped
+    # normalize=true: black -> 64, white -> 1023, per pixel, rounded and clipped
     out, _ = convert(path, output_dir=str(tmp_path / "norm"), rggb=True, normalize=True)
-    expected = 63 + (mosaic[rows:, cols:].astype(np.float64) - black) * (1023 - 63) / (white - black)
+    expected = 64 + (mosaic[rows:, cols:].astype(np.float64) - black) * (1023 - 64) / (white - black)
     expected = np.clip(np.floor(expected + 0.5), 0, 1023)
     np.testing.assert_array_equal(read_png(out), expected)
 

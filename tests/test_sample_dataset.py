@@ -45,9 +45,9 @@ def test_mosaic_is_rggb():
             assert mosaic[y, x] == image[y, x, channel]
 
 
-def test_code_values_put_black_at_63_and_white_at_1023():
+def test_code_values_put_black_at_64_and_white_at_1023():
     np.testing.assert_array_equal(msd.to_code_values(np.array([-1.0, 0.0, 0.5, 1.0, 2.0])),
-                                  [0, 63, int(np.floor(63 + 0.5 * 960 + 0.5)), 1023, 1023])
+                                  [0, 64, int(np.floor(64 + 0.5 * 959 + 0.5)), 1023, 1023])
 
 
 def test_forward_isp_recovers_a_uniform_colour():
@@ -56,7 +56,7 @@ def test_forward_isp_recovers_a_uniform_colour():
     colour = np.array([180, 120, 60], dtype=np.uint8)
     rs = np.random.RandomState(5)
     mosaic, params = msd.unprocess(np.tile(colour, (8, 8, 1)), rs, noise=False)
-    linear = (mosaic.astype(np.float64) - 63) / 960
+    linear = (mosaic.astype(np.float64) - 64) / 959
     cam = np.array([linear[0, 0], linear[0, 1], linear[1, 1]])
     assert linear[0, 1] == linear[1, 0]
     cam = cam * np.array([params["red_gain"], 1.0, params["blue_gain"]]) / params["exposure"]
@@ -86,7 +86,7 @@ def test_layout_marker_and_values(sample_dataset):
                 assert image.size == (448, 448) and image.mode in ("L", "I;16")
                 mosaic = np.asarray(image).astype(np.int64)
             assert 0 <= mosaic.min() and mosaic.max() <= 1023
-            assert 40 <= np.percentile(mosaic, 0.1) <= 90  # dark pixels sit near the black level (63)
+            assert 40 <= np.percentile(mosaic, 0.1) <= 90  # dark pixels sit near the black level (64)
             with Image.open(os.path.join(root, split, "canon", f"{i}.jpg")) as image:
                 assert image.format == "JPEG" and image.mode == "RGB" and image.size == (448, 448)
     full = os.listdir(os.path.join(root, "test", "huawei_full_resolution"))
