@@ -14,10 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TSV_PATH = os.path.join(ROOT, "tests", "data", "pynet_tf1_variables.tsv")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "long: as long as the quick start itself; skipped unless selected with -m long")
-
-
 def pytest_collection_modifyitems(config, items):
     """Long tests run only when asked for (python -m pytest -m long tests), so that the default
     suite, which CI runs, stays within its time."""

@@ -164,6 +164,7 @@ def run_script(cwd, *args):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_baseline_scores_match_scikit_image_on_the_same_pictures(small_dataset, tmp_path):
     result = run_script(small_dataset, "model=baseline", "dataset_dir=.", "batch_size=2", f"csv={tmp_path}/s.csv")
     assert result.returncode == 0, result.stderr
@@ -186,6 +187,7 @@ def test_baseline_scores_match_scikit_image_on_the_same_pictures(small_dataset, 
     assert psnrs[0] > 10  # the fixture's mosaics are that picture: the baseline gets it roughly right
 
 
+@pytest.mark.slow
 def test_pynet_level_is_scored_against_that_levels_target(full_model, small_dataset):
     import load_dataset
 

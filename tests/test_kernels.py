@@ -92,6 +92,7 @@ def test_no_choice_once_tensorflow_runs(capsys, monkeypatch):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 @needs_avx2
 def test_level0_render_of_a_small_mosaic_is_not_pathological(full_model, tmp_path):
     """test_model.py with its default kernels renders a 128x128 mosaic (64x64 packed) at level 0

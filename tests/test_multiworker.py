@@ -88,6 +88,7 @@ def fake_checkpoint(models, level, iteration, content=b"index"):
 # ---------------------------------------------------------------------------------------
 # (1) every task starts where the chief starts
 
+@pytest.mark.slow
 def test_separate_folders_that_disagree_are_refused_by_every_worker(sample_dataset, tmp_path):
     """resume=true with a models_dir per machine: worker 0's folder holds a checkpoint to resume,
     worker 1's none (it would start from scratch); then both hold iteration 3 but different
@@ -122,6 +123,7 @@ def test_separate_folders_that_disagree_are_refused_by_every_worker(sample_datas
 # ---------------------------------------------------------------------------------------
 # (2) a missing peer
 
+@pytest.mark.slow
 def test_missing_peer_is_announced_and_ends_in_one_line(sample_dataset, tmp_path):
     """Worker 0 alone in a two-worker cluster: it says whom it waits for, gives up after
     cluster_timeout with one line, and a SIGTERM meanwhile stops it at once."""
@@ -146,6 +148,7 @@ def test_missing_peer_is_announced_and_ends_in_one_line(sample_dataset, tmp_path
     assert not (tmp_path / "w0").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_a_peer_that_goes_away_ends_the_other_in_one_line(sample_dataset, tmp_path):
     """Worker 1 killed once the cluster has formed: worker 0, waiting in a collective, stops
     with one line naming it (TensorFlow's heartbeats find it gone) and writes nothing."""
@@ -167,6 +170,7 @@ def test_a_peer_that_goes_away_ends_the_other_in_one_line(sample_dataset, tmp_pa
 # ---------------------------------------------------------------------------------------
 # (5) stopping one worker
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tmp_path):
     """SIGTERM to worker 1 once training runs: both stop after the same iteration, the chief
     saves it, worker 1 writes nothing and names no file it did not write."""
@@ -290,6 +294,7 @@ def copy_tree(source, target):
             tf.io.gfile.copy(os.path.join(folder, name), f"{dest}/{name}", overwrite=True)
 
 
+@pytest.mark.slow
 def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, full_model, capsys):
     import tensorflow as tf
 

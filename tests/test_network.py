@@ -72,6 +72,7 @@ def test_level_view_trains_what_the_reference_trains(full_model, level):
     assert all(id(v) in full_ids for v in variables)  # shared, not copied
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", [5, 2])
 def test_partial_build_equals_the_full_model(restore_weights, level):
     full = restore_weights
@@ -191,6 +192,7 @@ def random_reference_arrays(reference_variables, seed=0):
     return {key: rng.normal(0, 0.02, shape).astype(np.float32) for key, shape, _, _ in reference_variables}
 
 
+@pytest.mark.slow
 def test_tf1_checkpoint_loads_by_position(restore_weights, reference_variables, tmp_path):
     arrays = random_reference_arrays(reference_variables)
     prefix = write_tf1_checkpoint(str(tmp_path / "pynet_level_0.ckpt"), arrays)
@@ -206,6 +208,7 @@ def test_tf1_checkpoint_loads_by_position(restore_weights, reference_variables, 
         np.testing.assert_array_equal(by_name[path], arrays[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_name_key_layer_and_shapes(full_model, reference_variables, tmp_path):
     arrays = random_reference_arrays(reference_variables)
     arrays["generator/Variable_6"] = np.zeros([16], np.float32)
@@ -226,6 +229,7 @@ def test_checkpoint_errors_name_key_layer_and_shapes(full_model, reference_varia
         load_checkpoint(full_model, str(tmp_path / "absent.ckpt"))
 
 
+@pytest.mark.slow
 def test_own_checkpoint_round_trips_and_tf1_reads_it(restore_weights, tmp_path):
     model = restore_weights
     rng = np.random.default_rng(5)
@@ -252,6 +256,7 @@ def test_own_checkpoint_round_trips_and_tf1_reads_it(restore_weights, tmp_path):
                 np.testing.assert_array_equal(session.run(var), written[key])
 
 
+@pytest.mark.slow
 def test_partial_model_loads_its_share_of_a_full_checkpoint(reference_variables, tmp_path):
     arrays = random_reference_arrays(reference_variables, seed=3)
     prefix = write_tf1_checkpoint(str(tmp_path / "full.ckpt"), arrays)

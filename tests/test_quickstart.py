@@ -43,6 +43,7 @@ def comparison_panels(root, height, width):
     return mosaic, comparison, panels, target
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_stage(tmp_path):
     result = run_quickstart(tmp_path, "iters=0", "patch_size=16", "batch_size=1", "train=4", "test=2",
                             "full_height=64", "full_width=96", timeout=900)

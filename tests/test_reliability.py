@@ -325,6 +325,7 @@ def test_render_refuses(name, trained, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_render_goes_on_after_a_bad_mosaic_and_reports_all(trained, tmp_path, capsys):
     """As dng_to_png.py: every mosaic of a folder is tried, each bad one a warning, then one error."""
     folder = tmp_path / "in"
@@ -582,6 +583,7 @@ def trainer_error(args, model):
     return str(error.value)
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_named_at_handover_and_resume(model, trained, sample_dataset, tmp_path):
     models = link_tree(trained, tmp_path / "models")
     latest = os.path.join(models, "pynet_level_5_iteration_3.ckpt")
@@ -610,6 +612,7 @@ def test_damaged_checkpoints_are_named_at_handover_and_resume(model, trained, sa
                          f"pynet_level_5_iteration_3.ckpt away to resume from it")
 
 
+@pytest.mark.slow
 def test_a_run_gone_non_finite_writes_nothing_and_names_no_bad_checkpoint(model, sample_dataset, tmp_path):
     """learning_rate=inf: the first update makes every weight NaN while the step-0 training loss
     is still finite; the step-0 evaluation must stop the run before its checkpoint."""
@@ -653,6 +656,7 @@ def test_a_failed_checkpoint_write_leaves_nothing(model, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_training_on_a_full_disk_is_one_line_and_leaves_nothing(model, sample_dataset, tmpfs, tmp_path):
     args = train_args(sample_dataset, tmp_path, models_dir=tmpfs, num_train_iters=0)
     text = trainer_error(args, model)
@@ -661,6 +665,7 @@ def test_training_on_a_full_disk_is_one_line_and_leaves_nothing(model, sample_da
     assert sorted(os.listdir(tmpfs)) == ["logs.txt"]   # no temporary file, training state or checkpoint
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_an_older_run_and_stale_temporaries_go(model, sample_dataset, tmp_path, capsys):
     models = tmp_path / "models"
     models.mkdir()

@@ -50,6 +50,7 @@ def mosaic(rng, height, width):
 # ---------------------------------------------------------------------------------------
 # strips against the whole frame
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", [0, 1])
 def test_strips_equal_the_whole_frame(sane_model, level):
     rng = np.random.default_rng(level)
@@ -68,6 +69,7 @@ def test_strips_equal_the_whole_frame(sane_model, level):
     assert np.abs(naive - whole).max() > 0.05
 
 
+@pytest.mark.slow
 def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model):
     """With min_strip_pixels=0 the whole-frame maps of levels 2 to 5 are computed in several
     strips too, their statistics gathered over all of them."""
@@ -78,6 +80,7 @@ def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model)
         np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_any_size_renders_and_is_cropped_back(sane_model):
     rng = np.random.default_rng(6)
     raw = mosaic(rng, 70, 98)                       # packs to 35 x 49, padded to 48 x 64
@@ -91,6 +94,7 @@ def test_any_size_renders_and_is_cropped_back(sane_model):
     assert test_model.render(view, raw, 3, tile_size=8).shape == (8, 12, 3)
 
 
+@pytest.mark.slow
 def test_render_pads_then_crops_without_changing_aligned_frames(full_model):
     rng = np.random.default_rng(1)
     raw = mosaic(rng, 64, 96)
@@ -104,6 +108,7 @@ def test_render_pads_then_crops_without_changing_aligned_frames(full_model):
     assert odd.shape == (70, 98, 3)
 
 
+@pytest.mark.slow
 def test_progress_counts_every_output_row(sane_model):
     counts = []
     test_model.render(sane_model, mosaic(np.random.default_rng(7), 70, 98), 0, tile_size=16, progress=counts.append)
@@ -117,6 +122,7 @@ def test_strips_refuse_what_they_cannot_run(full_model):
         render_in_strips(level_model(full_model, 0), 1, np.zeros((32, 32, 4), np.float32), 16)
 
 
+@pytest.mark.slow
 def test_level_1_with_instance_norm_still_equals_the_whole_frame():
     """instance_norm_level_1=True (the PyTorch port's choice) puts instance norm in level 1:
     those maps are then held whole (exact statistics) instead of streamed, still exact."""
@@ -205,6 +211,7 @@ def read_png16(path):
     return np.array([list(r) for r in rows], np.uint16).reshape(height, width, info["planes"]), info
 
 
+@pytest.mark.slow
 def test_renders_released_weights_end_to_end(fabricated_release):
     result = run_script(fabricated_release, "level=0", "orig=true", "bits=16", "use_gpu=false")
     assert result.returncode == 0, result.stderr
@@ -215,6 +222,7 @@ def test_renders_released_weights_end_to_end(fabricated_release):
         assert picture.size == (64, 64)
 
 
+@pytest.mark.slow
 def test_input_files_and_folders_to_an_output_folder(fabricated_release, full_model, tmp_path):
     folder = fabricated_release / "raw_images" / "test" / "huawei_full_resolution"
     extra = tmp_path / "extra"

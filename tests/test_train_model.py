@@ -91,6 +91,7 @@ def fixed_batch_loss(model, data, level, indices, patch=32):
 # ---------------------------------------------------------------------------------------
 # a short run, its outputs, and the level hand-over
 
+@pytest.mark.slow
 def test_short_run_lowers_level5_loss_and_writes_outputs(model, sample_dataset, tmp_path):
     args = make_args(sample_dataset, tmp_path, num_train_iters=24, eval_step=12, tensorboard="true",
                      learning_rate=1e-4)
@@ -148,6 +149,7 @@ def test_short_run_lowers_level5_loss_and_writes_outputs(model, sample_dataset, 
     assert len(image_blobs) == 2 + 4 and tf.io.decode_png(image_blobs[2]).shape == (2, 4, 3)
 
 
+@pytest.mark.slow
 def test_level_handover_loads_level5_weights(model, sample_dataset, tmp_path):
     args5 = make_args(sample_dataset, tmp_path, num_train_iters=1, eval_step=1)
     run(args5, model)
@@ -183,6 +185,7 @@ def test_level_handover_loads_level5_weights(model, sample_dataset, tmp_path):
     assert os.path.exists(utils.checkpoint_prefix(str(tmp_path / "models"), 4, 0) + ".index")
 
 
+@pytest.mark.slow
 def test_level3_has_the_content_term(model, sample_dataset, tmp_path, fake_vgg):
     import model as pynet
 
@@ -198,6 +201,7 @@ def test_level3_has_the_content_term(model, sample_dataset, tmp_path, fake_vgg):
     assert float(line.group(3)) == pytest.approx(100 * mse + content, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_dataset, tmp_path):
     import model as pynet
 
@@ -216,6 +220,7 @@ def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_
 # ---------------------------------------------------------------------------------------
 # resume, interruption, NaN
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(model, pynet, sample_dataset, tmp_path):
     common = dict(num_train_iters=5, eval_step=3, batch_size=2)
     seen = []
@@ -291,6 +296,7 @@ def test_start_points(tmp_path):
         train_model.find_start(args(level=2))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, sample_dataset, tmp_path, monkeypatch):
     import tensorflow as tf
 
@@ -395,6 +401,7 @@ def assert_same_losses(got, want):
     np.testing.assert_allclose(got[2:], want[2:], rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_big_batch_gradient(model, sample_dataset):
     import load_dataset
 
@@ -410,6 +417,7 @@ def test_accumulation_equals_one_big_batch_gradient(model, sample_dataset):
     assert max(np.abs(one[k] - big[k]).max() for k in big) > 1e-2 * max(np.abs(g).max() for g in big.values())
 
 
+@pytest.mark.slow
 def test_xla_step_equals_the_default_step(model, sample_dataset):
     """xla=true (jit_compile, meant for GPUs) computes the same update as the default kernels;
     checked on the CPU, with accumulation too, so the GPU path is correct by construction."""
@@ -461,6 +469,7 @@ def test_adam_is_the_reference_adam():
         np.testing.assert_allclose(adam.variables[2].numpy(), m, atol=1e-6)  # [iterations, lr, m, v]
 
 
+@pytest.mark.slow
 def test_accumulation_run_matches_big_batch_run(model, pynet, sample_dataset, tmp_path):
     """Whole runs with Adam: batch_size=4 in 2 micro-batches of 2 sees the same samples and
     gives the same losses as batch_size=4 at once."""
@@ -514,6 +523,7 @@ json.dump(results, open(f"{out}/result.json", "w"))
 """
 
 
+@pytest.mark.slow
 def test_mirrored_two_cpus_equals_one_device(model, sample_dataset, tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
@@ -530,6 +540,7 @@ def test_mirrored_two_cpus_equals_one_device(model, sample_dataset, tmp_path):
     assert len(results["one"]["losses"]) == 2
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_float32_variables_and_loss(sample_dataset, tmp_path):
     proc = subprocess.run(
         [sys.executable, "train_model.py", "level=5", f"dataset_dir={sample_dataset}", "patch_size=32",
@@ -553,6 +564,7 @@ def test_mixed_precision_keeps_float32_variables_and_loss(sample_dataset, tmp_pa
 # ---------------------------------------------------------------------------------------
 # the command line: level 5 then level 4, SIGTERM, clean errors
 
+@pytest.mark.slow
 def test_cli_level5_sigterm_then_level4(sample_dataset, tmp_path):
     """`python train_model.py level=5`, stopped by SIGTERM (checkpoint written), then `level=4`
     starting from it."""
@@ -681,6 +693,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multi_worker_two_processes_equal_one_device(model, sample_dataset, tmp_path):
     """Two workers on this machine (TF_CONFIG, MultiWorkerMirroredStrategy), global batch 2
     (one image each), against one device with batch 2: same step losses; only worker 0 writes."""
