@@ -32,7 +32,6 @@ from utils import Arg
 QUICK_SCHEDULE = ((5, 50, 64, 8), (4, 0, 32, 2), (3, 0, 32, 2), (2, 0, 32, 2), (1, 0, 32, 2), (0, 275, 32, 4))
 QUICK_LEARNING_RATE = 3e-4
 PAPER_LEARNING_RATE = 5e-5
-PAPER_SCHEDULE = {5: (5000, 50), 4: (5000, 50), 3: (20000, 48), 2: (20000, 18), 1: (35000, 12), 0: (100000, 10)}
 
 ARGS = [
     Arg("dataset_dir", str, "raw_images/sample/", "where the sample dataset is built (reused if it is there)"),
@@ -72,7 +71,7 @@ def describe_schedule(params, vgg_dir: str) -> str:
              + (", no VGG-19 content loss at levels 3..0" if vgg_dir == "none" else "") + "):",
              "  level  iterations  crop (packed)  batch  |  paper: iterations  batch  crop"]
     for level, iters, patch, batch in schedule(params):
-        paper_iters, paper_batch = PAPER_SCHEDULE[level]
+        paper_iters, paper_batch = utils.NUM_DEFAULT_TRAIN_ITERS[level], utils.REFERENCE_BATCH_SIZES[level]
         lines.append(f"  {level:>5}  {iters + 1:>10}  {patch:>13}  {batch:>5}  |  {paper_iters + 1:>17}  "
                      f"{paper_batch:>5}  224")
     lines.append("  (iterations as train_model.py counts them: num_train_iters + 1 steps)")

@@ -25,8 +25,10 @@ LEVELS = (0, 1, 2, 3, 4, 5)
 BLACK_LEVEL = 64
 WHITE_LEVEL = 1023
 
-# Reference defaults, indexed by level (the reference's utils.py, process_command_args).
+# Reference defaults, indexed by level (the reference's utils.py, process_command_args), and the
+# batch sizes its README's training commands pass.
 NUM_DEFAULT_TRAIN_ITERS = (100000, 35000, 20000, 20000, 5000, 5000)
+REFERENCE_BATCH_SIZES = (10, 12, 18, 48, 50, 50)
 
 
 class UserError(Exception):

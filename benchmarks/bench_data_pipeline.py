@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import utils  # noqa: E402
 
-REFERENCE_BATCH = {5: 50, 4: 50, 3: 48, 2: 18, 1: 12, 0: 10}
+REFERENCE_BATCH = utils.REFERENCE_BATCH_SIZES  # by level
 
 
 def peak_rss_mib() -> float:

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import utils  # noqa: E402
 
-REFERENCE_BATCH = {5: 50, 4: 50, 3: 48, 2: 18, 1: 12, 0: 10}
+REFERENCE_BATCH = utils.REFERENCE_BATCH_SIZES  # by level
 # VGG-19 up to relu5_4: (input channels, output channels, resolution divisor) of its 16 convolutions
 VGG_CONVS = ([(3, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 2), (128, 256, 4)] + [(256, 256, 4)] * 3
              + [(256, 512, 8)] + [(512, 512, 8)] * 3 + [(512, 512, 16)] * 4)
