@@ -17,7 +17,6 @@
 import contextlib
 import os
 import re
-import shutil
 
 import utils
 from utils import UsageError, UserError
@@ -176,16 +175,6 @@ def _starting_with(folder: str, base: str) -> set:
     return {n for n in utils.listdir(folder) if n.startswith(base)} if utils.isdir(folder) else set()
 
 
-def _remove(path: str) -> None:
-    if utils.is_url(path):
-        if utils.exists(path):
-            utils.remove(path)
-    elif os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
 @contextlib.contextmanager
 def all_or_nothing(prefix: str):
     """Write the files of checkpoint ``prefix`` in the block. On any failure (a full disk, an
@@ -199,7 +188,7 @@ def all_or_nothing(prefix: str):
         yield
     except BaseException as exc:
         for name in _starting_with(folder, base + ".") - before:
-            _remove(os.path.join(folder, name))
+            utils.remove(os.path.join(folder, name), missing_ok=True)
         if isinstance(exc, (tf.errors.OpError, OSError)):
             raise UserError(f"{prefix}: cannot write the checkpoint ({_reason(exc)}); nothing was saved") from None
         raise
@@ -226,7 +215,7 @@ def clear_level(models_dir: str, level: int) -> list:
         stem = name.split(".ckpt", 1)[0] + ".ckpt"
         parsed = utils.parse_checkpoint_prefix(stem)
         if ".ckpt" in name and parsed is not None and parsed[0] == level:
-            _remove(os.path.join(models_dir, name))
+            utils.remove(os.path.join(models_dir, name), missing_ok=True)
             removed.append(name)
     summaries = os.path.join(models_dir, "tensorboard", f"level_{level}")
     if utils.isdir(summaries):

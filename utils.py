@@ -263,15 +263,17 @@ def makedirs(path) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def remove(path) -> None:
-    """Remove a file or a folder tree."""
+def remove(path, missing_ok: bool = False) -> None:
+    """Remove a file or a folder tree. ``missing_ok`` (clean-up after a failure): a path already
+    gone is no error, and a tree is removed as far as it can be."""
     if is_url(path):
-        (_gfile().rmtree if _gfile().isdir(path) else _gfile().remove)(path)
+        if not missing_ok or _gfile().exists(path):
+            (_gfile().rmtree if _gfile().isdir(path) else _gfile().remove)(path)
     elif os.path.isdir(path) and not os.path.islink(path):
         import shutil
 
-        shutil.rmtree(path)
-    else:
+        shutil.rmtree(path, ignore_errors=missing_ok)
+    elif not missing_ok or os.path.lexists(path):
         os.remove(path)
 
 
@@ -444,8 +446,6 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(folder: str) -> list:
     """Remove the temporary files and folders that writers of this project left in ``folder``
     when they were killed (their process is gone); returns the names removed."""
-    import shutil
-
     removed = []
     if is_url(folder) or not os.path.isdir(folder):
         return removed  # on shared storage a writer's process id says nothing: only local folders
@@ -453,12 +453,8 @@ def remove_stale_temps(folder: str) -> list:
         pid = temp_owner(name)
         if pid is None or pid == os.getpid() or _alive(pid):
             continue
-        path = os.path.join(folder, name)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+            remove(os.path.join(folder, name))
         except FileNotFoundError:
             continue
         removed.append(name)
