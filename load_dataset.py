@@ -137,12 +137,15 @@ def read_raw_patch(path: str, size=MOSAIC) -> np.ndarray:
 def read_target_image(path: str, size=MOSAIC) -> np.ndarray:
     """A DSLR JPEG as a uint8 H x W x 3 array, checked: RGB, ``size`` x ``size`` (None: any size),
     and decoded strictly: corrupt data is an error, not a warning (utils.read_jpeg)."""
+    import io
+
     from PIL import Image
 
     if not utils.isfile(path):
         raise DataError(f"{path}: file not found")
+    data = utils.read_bytes(path)  # read once: Pillow checks the header, simplejpeg decodes
     try:
-        with utils.open_file(path, "rb") as handle, Image.open(handle) as image:  # the header only
+        with Image.open(io.BytesIO(data)) as image:  # the header only
             fmt, mode, image_size = image.format, image.mode, image.size
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
         reason = str(exc) or exc.__class__.__name__
@@ -153,7 +156,7 @@ def read_target_image(path: str, size=MOSAIC) -> np.ndarray:
         raise DataError(f"{path}: expected an RGB JPEG, found mode {mode}")
     if size is not None and image_size != (size, size):
         raise DataError(f"{path}: expected a {size}x{size} image, found {image_size[0]}x{image_size[1]}")
-    return _read(utils.read_jpeg, path)
+    return _read(lambda p: utils.read_jpeg(p, data), path)
 
 
 def load_target(path, level, patch_mosaic=MOSAIC) -> np.ndarray:

@@ -557,16 +557,18 @@ def read_mosaic(path: str):
     return raw.astype(np.uint16)
 
 
-def read_jpeg(path: str):
-    """Decode a JPEG strictly, as H x W x 3 uint8 RGB (the same pixels as Pillow's decoder).
+def read_jpeg(path: str, data: bytes = None):
+    """Decode a JPEG strictly, as H x W x 3 uint8 RGB (the same pixels as Pillow's decoder);
+    ``data``: the file's bytes when the caller has read them already.
 
     Pillow and TensorFlow decode a JPEG whose data are corrupt with at most a warning on
     stderr; libjpeg-turbo through simplejpeg with ``strict=True`` refuses it, naming the file."""
     import simplejpeg
 
-    if not isfile(path):
-        raise UserError(f"{path}: file not found")
-    data = read_bytes(path)
+    if data is None:
+        if not isfile(path):
+            raise UserError(f"{path}: file not found")
+        data = read_bytes(path)
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, strict=True)
     except ValueError as exc:
