@@ -208,8 +208,9 @@ def evaluate_and_report(params) -> dict:
         utils.check_output_file(params["csv"], "csv")
         utils.remove_stale_temps(os.path.dirname(params["csv"]) or ".")
     print(load_dataset.describe_dataset(params["dataset_dir"]))
-    indices = load_dataset.check_dataset(params["dataset_dir"], "test", deep=False, verbose=False)
-    dataset = load_dataset.test_dataset(params["dataset_dir"], level, params["batch_size"], drop_remainder=False)
+    indices = load_dataset.check_dataset(params["dataset_dir"], "test", deep=True)
+    dataset = load_dataset.test_dataset(params["dataset_dir"], level, params["batch_size"], drop_remainder=False,
+                                        indices=indices)
     if baseline:
         print(f"model: classical baseline ISP (black level {params['black_level']:g}, bilinear demosaic, "
               f"gray-world white balance, sRGB gamma)")

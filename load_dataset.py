@@ -552,18 +552,21 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
     return _pipeline(plans, dataset_dir, "train", level, patch, out_batch, skip_bad, drop_remainder=True)
 
 
-def test_dataset(dataset_dir, level, batch_size, patch=PATCH, drop_remainder=True, skip_bad=False, verbose=True):
+def test_dataset(dataset_dir, level, batch_size, patch=PATCH, drop_remainder=True, skip_bad=False, verbose=True,
+                 indices=None):
     """The test split in index order, finite: (raw [B, patch, patch, 4], target [B, T, T, 3]).
 
     As the reference's evaluation, the last incomplete batch is dropped (``drop_remainder``).
     Every test file is decoded and checked once here (the split is small), so a bad file is a
-    DataError now rather than a short evaluation later. A patch below 224 is a centre crop.
+    DataError now rather than a short evaluation later; ``indices``: the usable patches, when
+    the caller ran that check (check_dataset with deep=True). A patch below 224 is a centre crop.
     """
     import tensorflow as tf
 
     level, patch = _check_level(level), check_patch(patch)
     batch_size = _check_positive("batch_size", batch_size)
-    indices = check_dataset(dataset_dir, "test", skip_bad=skip_bad, deep=True, verbose=verbose)
+    if indices is None:
+        indices = check_dataset(dataset_dir, "test", skip_bad=skip_bad, deep=True, verbose=verbose)
     step = crop_step(level)
     offset = (PATCH - patch) // 2 // step * step
     plans = np.array([(i, 0, 0, offset, offset) for i in indices], dtype=np.int64)

@@ -353,9 +353,9 @@ def test_data(args):
     the indices of its usable patches."""
     import load_dataset
 
+    indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], deep=True)
     ds = load_dataset.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
-                                   patch=args["patch_size"], skip_bad=args["skip_bad"])
-    indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], verbose=False)
+                                   patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
     check_eval_batch(args, len(indices))
     return ds, ds._pynet_error_log, indices
 
