@@ -11,6 +11,10 @@
   disk...) is one line.
 * ``check_fresh_start`` / ``prepare_folders``: a fresh training run does not write into a
   folder where another run's checkpoints of its level would still count as "the latest".
+* ``save_training_checkpoint`` / ``restore_state``: a training checkpoint with, beside it, the
+  training state (Adam's variables, the loop's counters) that resume=true restores.
+* ``find_start(args)``: what a training run starts from (scratch, the level above's latest
+  checkpoint, or its own resumed run), from the files in models_dir alone.
 * ``resolve(params)``: the checkpoint test_model.py and evaluate_accuracy.py load.
 """
 
@@ -123,7 +127,7 @@ def _intact(prefix: str, resume: bool) -> bool:
     try:
         read_verified(prefix)
         if resume:
-            read_verified(prefix + STATE_SUFFIX)
+            read_verified(state_prefix(prefix))
     except UserError:
         return False
     return True
@@ -195,6 +199,69 @@ def all_or_nothing(prefix: str):
 
 
 # ---------------------------------------------------------------------------------------
+# a training checkpoint: the model's and, beside it, the training state resume=true restores
+
+def state_prefix(model_prefix: str) -> str:
+    return model_prefix + STATE_SUFFIX
+
+
+def _rename_checkpoint_files(tmp_prefix, prefix):
+    folder = os.path.dirname(tmp_prefix) or "."
+    base = os.path.basename(tmp_prefix)
+    files = [n for n in utils.listdir(folder) if n.startswith(base + ".")]
+    # data files first, the index last: a checkpoint is complete once its index exists
+    for name in sorted(files, key=lambda n: n.endswith(".index")):
+        utils.rename(os.path.join(folder, name), prefix + name[len(base):])
+
+
+def state_variables(adam, counters):
+    """What resume=true restores besides the model: Adam's variables (iteration count and
+    moments, in order; ``adam`` is the one inside a LossScaleOptimizer) and the loop's counters."""
+    variables = {f"adam_{i:04d}": v for i, v in enumerate(adam.variables)}
+    variables.update(counters)
+    return variables
+
+
+def save_state(adam, counters, prefix):
+    """Write the training state of checkpoint ``prefix`` atomically (temporary name, renamed)."""
+    import tensorflow as tf
+
+    tmp = f"{state_prefix(prefix)}.tmp{os.getpid()}"
+    tf.train.Checkpoint(**state_variables(adam, counters)).write(tmp)
+    _rename_checkpoint_files(tmp, state_prefix(prefix))
+
+
+def restore_state(adam, counters, prefix):
+    """Read the training state written by save_state, checking that it fits this optimizer."""
+    import tensorflow as tf
+
+    path = state_prefix(prefix)
+    variables = state_variables(adam, counters)
+    values = read_verified(path)  # every tensor readable and finite, or one line naming the file
+    stored = {k.split("/")[0]: v.shape for k, v in values.items() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
+    for name, var in variables.items():
+        if name not in stored or list(stored[name]) != list(var.shape):
+            raise UserError(f"{path}: the training state does not match this run ({name}); it was written for "
+                            f"another level or setting")
+    if len(stored) != len(variables):
+        raise UserError(f"{path}: the training state has {len(stored)} entries, this run {len(variables)}: "
+                        f"written for another level or setting")
+    tf.train.Checkpoint(**variables).read(path).assert_existing_objects_matched().expect_partial()
+
+
+def save_training_checkpoint(model, adam, counters, prefix):
+    """Training state first, then the model checkpoint (the reference's keys, all 437 variables),
+    each written under a temporary name and renamed. Non-finite weights are refused before
+    anything is written; a failed write (a full disk) leaves neither (all_or_nothing)."""
+    import model as pynet
+
+    pynet.check_finite(model, prefix)
+    with all_or_nothing(prefix):
+        save_state(adam, counters, prefix)
+        pynet.save_checkpoint(model, prefix)
+
+
+# ---------------------------------------------------------------------------------------
 # one run per folder and level
 
 def check_fresh_start(models_dir: str, level: int, overwrite: bool = False) -> None:
@@ -236,6 +303,55 @@ def prepare_folders(args, start_kind: str, log=print) -> None:
             count = len({n.split(".ckpt", 1)[0] for n in removed if ".ckpt" in n})
             log(f"overwrite=true: deleted {count} level-{args['level']} checkpoint(s) of an earlier run from "
                 f"{args['models_dir']}")
+
+
+# ---------------------------------------------------------------------------------------
+# where a training run starts: scratch, the level above's weights, or its own resumed run
+
+class Start:
+    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights) or "resume"."""
+
+    def __init__(self, kind, prefix=None, iteration=-1):
+        self.kind, self.prefix, self.iteration = kind, prefix, iteration
+
+    def __repr__(self):
+        return f"Start({self.kind!r}, {self.prefix!r}, {self.iteration})"
+
+
+def resumable_iterations(models_dir, level):
+    """Iterations of ``level`` that have both the model checkpoint and the training state."""
+    states = set(utils.checkpoint_iterations(level, models_dir, STATE_SUFFIX))
+    return [i for i in utils.checkpoint_iterations(level, models_dir) if i in states]
+
+
+def find_start(args, log=print) -> Start:
+    """Decide what the run starts from, or raise a one-line UserError."""
+    level, models_dir = args["level"], args["models_dir"]
+    if args["resume"]:
+        done = resumable_iterations(models_dir, level)
+        if done:
+            latest_model = utils.get_last_iter(level, models_dir)
+            if latest_model is not None and latest_model > done[-1]:
+                log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
+                    f"resuming from iteration {done[-1]}")
+            return Start("resume", utils.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
+        log(f"note: resume=true but no level-{level} checkpoint with training state in {models_dir}: "
+            f"starting level {level} from the beginning")
+    check_fresh_start(models_dir, level, args.get("overwrite", False))
+    if level == 5:
+        return Start("scratch")
+    upper = level + 1
+    iteration = args["restore_iter"]
+    if iteration is None:
+        iteration = utils.get_last_iter(upper, models_dir)
+        if iteration is None:
+            raise UserError(f"no level-{upper} checkpoint (pynet_level_{upper}_iteration_*.ckpt) in {models_dir}: "
+                            f"train level {upper} first (python train_model.py level={upper})")
+    prefix = utils.checkpoint_prefix(models_dir, upper, iteration)
+    if not utils.exists(prefix + ".index"):
+        raise UserError(f"{prefix}: no such checkpoint (restore_iter={iteration}); "
+                        f"the latest level-{upper} one is iteration {utils.get_last_iter(upper, models_dir)}")
+    return Start("handover", prefix)
 
 
 # ---------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ TensorFlow's own strategy so that a cluster's faults end in one line instead of 
   to SIGTERM), with a deadline.
 * ``exchange(strategy, cluster, row)``: every task's row of numbers, gathered on every task
   by one all-reduce; the start-point agreement and the coordinated stop use it.
+* ``start_row(args, start)`` / ``start_disagreement(rows, cluster, args)``: each task's start
+  point (checkpoint files, settings) as numbers to exchange, and the one line saying how a
+  task's start differs from the chief's.
 * ``leave_together(strategy, cluster)``: the tasks' last meeting before they exit.
 * ``lost_peer(exc, cluster, when)``: a collective that failed because a task went away, as one line.
 * ``check_devices(devices)``: the ``devices=`` of a mirrored strategy, against the devices
@@ -21,6 +24,8 @@ import signal
 import socket
 import time
 
+import checkpoints
+import utils
 from utils import UsageError, UserError
 
 TASK_TYPES = ("chief", "worker")  # what MultiWorkerMirroredStrategy runs
@@ -127,6 +132,16 @@ def read_tf_config():
     tasks += [Task("worker", i, address) for i, address in enumerate(spec.get("worker", []))]
     me = next(t for t in tasks if t.kind == kind and t.index == index)
     return Cluster(tasks, me)
+
+
+def multi_worker_cluster(strategy):
+    """The TF_CONFIG cluster when ``strategy`` runs over several tasks, else None."""
+    import tensorflow as tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    found = read_tf_config()
+    return found if found is not None and len(found) > 1 else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,6 +272,81 @@ def lost_peer(exc, cluster, when):
     reason = "it stopped sending heartbeats" if "heartbeat" in text else type(exc).__name__
     return (f"{who} went away {when} ({reason}): stopping this task too; once every task runs again, "
             f"continue with resume=true")
+
+
+# ---------------------------------------------------------------------------------------
+# one start point for every task
+
+START_KINDS = {"scratch": 0, "handover": 1, "resume": 2}
+# arguments that may differ between tasks (paths on each machine, display); all others must agree
+LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "progress", "tensorboard", "cluster_timeout"}
+
+
+def _crc_of_file(path):
+    import zlib
+
+    return zlib.crc32(utils.read_bytes(path)) if utils.exists(path) else 0
+
+
+def start_row(args, start):
+    """A task's start point as numbers: [ready, kind, source level, source iteration, checksum of the
+    checkpoint's index (which holds every tensor's checksum), of its training state's index, of
+    the settings]. ``start`` None: this task failed before it could decide."""
+    import zlib
+
+    settings = json.dumps({k: v for k, v in args.items() if k not in LOCAL_ARGUMENTS}, sort_keys=True, default=str)
+    if start is None:
+        return [0, -1, -1, -1, 0, 0, zlib.crc32(settings.encode())]
+    level, iteration = utils.parse_checkpoint_prefix(start.prefix) if start.prefix else (args["level"], -1)
+    state = _crc_of_file(checkpoints.state_prefix(start.prefix) + ".index") if start.kind == "resume" else 0
+    model = _crc_of_file(start.prefix + ".index") if start.prefix else 0
+    return [1, START_KINDS[start.kind], level, iteration, model, state, zlib.crc32(settings.encode())]
+
+
+def describe_start(row, level):
+    kind = {v: k for k, v in START_KINDS.items()}.get(int(row[1]))
+    if kind == "scratch":
+        return f"level {level} from scratch"
+    if kind == "handover":
+        return f"level {level} from level {int(row[2])}'s iteration {int(row[3])}"
+    return f"resuming level {level} after iteration {int(row[3])}"
+
+
+def start_disagreement(rows, cluster, args):
+    """The one line saying how this task's start differs from the chief's, or None."""
+    mine, chief = rows[cluster.position()], rows[cluster.position(cluster.chief)]
+    others = [t for t in cluster.tasks if t is not cluster.me]
+    failed = [t for t in others if rows[cluster.position(t)][0] == 0]
+    if failed:
+        return f"{failed[0].name} ({failed[0].address}) stopped with an error before training (see its output): " \
+               f"no task trains"
+    level, contract = args["level"], ("every task must see the chief's checkpoints: one shared models_dir, or the "
+                                      "chief's checkpoint files copied into each task's models_dir (README, "
+                                      "'Several machines')")
+    if cluster.is_chief:
+        differing = [t for t in others if list(rows[cluster.position(t)]) != list(chief)]
+        if not differing:
+            return None
+        task = differing[0]
+        theirs = rows[cluster.position(task)]
+        if theirs[6] != chief[6]:
+            return f"{task.name} ({task.address}) was started with other arguments than the chief: give every " \
+                   f"task the same ones (only paths, progress and tensorboard may differ)"
+        what = "holds other checkpoint files for it" if theirs[1:4].tolist() == chief[1:4].tolist() \
+            else f"would start {describe_start(theirs, level)}"
+        return f"{task.name} ({task.address}) {what}, while the chief starts {describe_start(chief, level)} " \
+               f"from models_dir={args['models_dir']}: {contract}"
+    if list(mine) == list(chief):
+        return None
+    if mine[6] != chief[6]:
+        return f"this task ({cluster.me.name}) was started with other arguments than the chief " \
+               f"({cluster.chief.name}): give every task the same ones (only paths, progress and tensorboard " \
+               f"may differ)"
+    found = describe_start(mine, level)
+    if mine[1:4].tolist() == chief[1:4].tolist():
+        found += ", but its checkpoint files differ from the chief's"
+    return f"{cluster.me.name}: models_dir={args['models_dir']} gives {found}, the chief ({cluster.chief.name}) " \
+           f"starts {describe_start(chief, level)}: {contract}"
 
 
 # ---------------------------------------------------------------------------------------

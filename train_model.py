@@ -20,7 +20,6 @@ mixed precision and smaller patches.  See the README's training section.
 """
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -36,7 +35,6 @@ from utils import Arg, UsageError, UserError
 
 STRATEGIES = ("auto", "one", "mirrored", "multi_worker")
 NUM_VISUAL = 4  # visual results saved per evaluation, as the reference
-STATE_SUFFIX = checkpoints.STATE_SUFFIX  # optimizer state + iteration, beside the model checkpoint
 
 
 def _default_iters(values):
@@ -182,144 +180,6 @@ def configure(args) -> None:
         tf.config.experimental.enable_op_determinism()
     if args["mixed_precision"]:
         keras.mixed_precision.set_global_policy("mixed_float16")
-
-
-# ---------------------------------------------------------------------------------------
-# where a level starts
-
-class Start:
-    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights) or "resume"."""
-
-    def __init__(self, kind, prefix=None, iteration=-1):
-        self.kind, self.prefix, self.iteration = kind, prefix, iteration
-
-    def __repr__(self):
-        return f"Start({self.kind!r}, {self.prefix!r}, {self.iteration})"
-
-
-def state_prefix(model_prefix: str) -> str:
-    return model_prefix + STATE_SUFFIX
-
-
-def resumable_iterations(models_dir, level):
-    """Iterations of ``level`` that have both the model checkpoint and the training state."""
-    states = set(utils.checkpoint_iterations(level, models_dir, STATE_SUFFIX))
-    return [i for i in utils.checkpoint_iterations(level, models_dir) if i in states]
-
-
-def find_start(args, log=print) -> Start:
-    """Decide what the run starts from, or raise a one-line UserError."""
-    level, models_dir = args["level"], args["models_dir"]
-    if args["resume"]:
-        done = resumable_iterations(models_dir, level)
-        if done:
-            latest_model = utils.get_last_iter(level, models_dir)
-            if latest_model is not None and latest_model > done[-1]:
-                log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
-                    f"resuming from iteration {done[-1]}")
-            return Start("resume", utils.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
-        log(f"note: resume=true but no level-{level} checkpoint with training state in {models_dir}: "
-            f"starting level {level} from the beginning")
-    checkpoints.check_fresh_start(models_dir, level, args.get("overwrite", False))
-    if level == 5:
-        return Start("scratch")
-    upper = level + 1
-    iteration = args["restore_iter"]
-    if iteration is None:
-        iteration = utils.get_last_iter(upper, models_dir)
-        if iteration is None:
-            raise UserError(f"no level-{upper} checkpoint (pynet_level_{upper}_iteration_*.ckpt) in {models_dir}: "
-                            f"train level {upper} first (python train_model.py level={upper})")
-    prefix = utils.checkpoint_prefix(models_dir, upper, iteration)
-    if not utils.exists(prefix + ".index"):
-        raise UserError(f"{prefix}: no such checkpoint (restore_iter={iteration}); "
-                        f"the latest level-{upper} one is iteration {utils.get_last_iter(upper, models_dir)}")
-    return Start("handover", prefix)
-
-
-# ---------------------------------------------------------------------------------------
-# several tasks: one start point
-
-START_KINDS = {"scratch": 0, "handover": 1, "resume": 2}
-# arguments that may differ between tasks (paths on each machine, display); all others must agree
-LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "progress", "tensorboard", "cluster_timeout"}
-
-
-def multi_worker_cluster(strategy):
-    """The TF_CONFIG cluster when ``strategy`` runs over several tasks, else None."""
-    import tensorflow as tf
-
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return None
-    found = cluster_module.read_tf_config()
-    return found if found is not None and len(found) > 1 else None
-
-
-def _crc_of_file(path):
-    import zlib
-
-    return zlib.crc32(utils.read_bytes(path)) if utils.exists(path) else 0
-
-
-def start_row(args, start):
-    """A task's start point as numbers: [ready, kind, source level, source iteration, checksum of the
-    checkpoint's index (which holds every tensor's checksum), of its training state's index, of
-    the settings]. ``start`` None: this task failed before it could decide."""
-    import zlib
-
-    settings = json.dumps({k: v for k, v in args.items() if k not in LOCAL_ARGUMENTS}, sort_keys=True, default=str)
-    if start is None:
-        return [0, -1, -1, -1, 0, 0, zlib.crc32(settings.encode())]
-    level, iteration = utils.parse_checkpoint_prefix(start.prefix) if start.prefix else (args["level"], -1)
-    state = _crc_of_file(state_prefix(start.prefix) + ".index") if start.kind == "resume" else 0
-    model = _crc_of_file(start.prefix + ".index") if start.prefix else 0
-    return [1, START_KINDS[start.kind], level, iteration, model, state, zlib.crc32(settings.encode())]
-
-
-def describe_start(row, level):
-    kind = {v: k for k, v in START_KINDS.items()}.get(int(row[1]))
-    if kind == "scratch":
-        return f"level {level} from scratch"
-    if kind == "handover":
-        return f"level {level} from level {int(row[2])}'s iteration {int(row[3])}"
-    return f"resuming level {level} after iteration {int(row[3])}"
-
-
-def start_disagreement(rows, cluster, args):
-    """The one line saying how this task's start differs from the chief's, or None."""
-    mine, chief = rows[cluster.position()], rows[cluster.position(cluster.chief)]
-    others = [t for t in cluster.tasks if t is not cluster.me]
-    failed = [t for t in others if rows[cluster.position(t)][0] == 0]
-    if failed:
-        return f"{failed[0].name} ({failed[0].address}) stopped with an error before training (see its output): " \
-               f"no task trains"
-    level, contract = args["level"], ("every task must see the chief's checkpoints: one shared models_dir, or the "
-                                      "chief's checkpoint files copied into each task's models_dir (README, "
-                                      "'Several machines')")
-    if cluster.is_chief:
-        differing = [t for t in others if list(rows[cluster.position(t)]) != list(chief)]
-        if not differing:
-            return None
-        task = differing[0]
-        theirs = rows[cluster.position(task)]
-        if theirs[6] != chief[6]:
-            return f"{task.name} ({task.address}) was started with other arguments than the chief: give every " \
-                   f"task the same ones (only paths, progress and tensorboard may differ)"
-        what = "holds other checkpoint files for it" if theirs[1:4].tolist() == chief[1:4].tolist() \
-            else f"would start {describe_start(theirs, level)}"
-        return f"{task.name} ({task.address}) {what}, while the chief starts {describe_start(chief, level)} " \
-               f"from models_dir={args['models_dir']}: {contract}"
-    if list(mine) == list(chief):
-        return None
-    if mine[6] != chief[6]:
-        return f"this task ({cluster.me.name}) was started with other arguments than the chief " \
-               f"({cluster.chief.name}): give every task the same ones (only paths, progress and tensorboard " \
-               f"may differ)"
-    found = describe_start(mine, level)
-    if mine[1:4].tolist() == chief[1:4].tolist():
-        found += ", but its checkpoint files differ from the chief's"
-    return f"{cluster.me.name}: models_dir={args['models_dir']} gives {found}, the chief ({cluster.chief.name}) " \
-           f"starts {describe_start(chief, level)}: {contract}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,65 +402,6 @@ class Steps:
 
 
 # ---------------------------------------------------------------------------------------
-# checkpoints
-
-def _rename_checkpoint_files(tmp_prefix, prefix):
-    folder = os.path.dirname(tmp_prefix) or "."
-    base = os.path.basename(tmp_prefix)
-    files = [n for n in utils.listdir(folder) if n.startswith(base + ".")]
-    # data files first, the index last: a checkpoint is complete once its index exists
-    for name in sorted(files, key=lambda n: n.endswith(".index")):
-        utils.rename(os.path.join(folder, name), prefix + name[len(base):])
-
-
-def state_variables(optimizer, counters):
-    """What resume=true restores besides the model: Adam's variables (iteration count and
-    moments, in order) and the loop's counters."""
-    variables = {f"adam_{i:04d}": v for i, v in enumerate(base_optimizer(optimizer).variables)}
-    variables.update(counters)
-    return variables
-
-
-def save_state(optimizer, counters, prefix):
-    """Write the training state of checkpoint ``prefix`` atomically (temporary name, renamed)."""
-    import tensorflow as tf
-
-    tmp = f"{state_prefix(prefix)}.tmp{os.getpid()}"
-    tf.train.Checkpoint(**state_variables(optimizer, counters)).write(tmp)
-    _rename_checkpoint_files(tmp, state_prefix(prefix))
-
-
-def restore_state(optimizer, counters, prefix):
-    """Read the training state written by save_state, checking that it fits this optimizer."""
-    import tensorflow as tf
-
-    path = state_prefix(prefix)
-    variables = state_variables(optimizer, counters)
-    values = checkpoints.read_verified(path)  # every tensor readable and finite, or one line naming the file
-    stored = {k.split("/")[0]: v.shape for k, v in values.items() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
-    for name, var in variables.items():
-        if name not in stored or list(stored[name]) != list(var.shape):
-            raise UserError(f"{path}: the training state does not match this run ({name}); it was written for "
-                            f"another level or setting")
-    if len(stored) != len(variables):
-        raise UserError(f"{path}: the training state has {len(stored)} entries, this run {len(variables)}: "
-                        f"written for another level or setting")
-    tf.train.Checkpoint(**variables).read(path).assert_existing_objects_matched().expect_partial()
-
-
-def save_training_checkpoint(model, optimizer, counters, prefix):
-    """Training state first, then the model checkpoint (the reference's keys, all 437 variables),
-    each written under a temporary name and renamed. Non-finite weights are refused before
-    anything is written; a failed write (a full disk) leaves neither (checkpoints.all_or_nothing)."""
-    import model as pynet
-
-    pynet.check_finite(model, prefix)
-    with checkpoints.all_or_nothing(prefix):
-        save_state(optimizer, counters, prefix)
-        pynet.save_checkpoint(model, prefix)
-
-
-# ---------------------------------------------------------------------------------------
 # outputs: log line, visual results, TensorBoard
 
 def format_log(i, training, metrics) -> str:
@@ -709,7 +510,7 @@ class Trainer:
         self.args, self.out = args, out
         self.level = args["level"]
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.cluster = multi_worker_cluster(self.strategy)
+        self.cluster = cluster_module.multi_worker_cluster(self.strategy)
         self.chief = self.cluster.is_chief if self.cluster is not None else is_chief()
         self.stop = stop or StopRequest()
         self.on_step = on_step
@@ -759,7 +560,7 @@ class Trainer:
             self.needs_vgg = False
         if self.needs_vgg and not utils.isfile(args["vgg_dir"]):
             raise UserError(vgg.missing_file_message(args["vgg_dir"]))
-        self.start = find_start(args, log=out)
+        self.start = checkpoints.find_start(args, log=out)
         if micro_batch(args) % self.replicas:
             raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {self.replicas} "
                              f"replicas of the strategy")
@@ -772,12 +573,12 @@ class Trainer:
         """Every task must start from what the chief starts from (same kind, checkpoint files and
         settings): compared across the tasks before anything is built or written; on a
         difference every task stops with one line."""
-        row = start_row(self.args, None if failure is not None else self.start)
+        row = cluster_module.start_row(self.args, None if failure is not None else self.start)
         with self.lost_peer("before training"):
             rows = cluster_module.exchange(self.strategy, self.cluster, row)
         if failure is not None:
             raise failure
-        problem = start_disagreement(rows, self.cluster, self.args)
+        problem = cluster_module.start_disagreement(rows, self.cluster, self.args)
         if problem:
             raise UserError(problem)
 
@@ -790,11 +591,11 @@ class Trainer:
             if start.kind in ("handover", "resume"):
                 pynet.load_checkpoint(self.model, start.prefix)
             if start.kind == "resume":
-                restore_state(self.optimizer, self.counters, start.prefix)
+                checkpoints.restore_state(base_optimizer(self.optimizer), self.counters, start.prefix)
         if start.kind == "resume":
             base_optimizer(self.optimizer).learning_rate = self.args["learning_rate"]
             if int(self.counters["iteration"].numpy()) != start.iteration:
-                raise UserError(f"{state_prefix(start.prefix)}: holds iteration "
+                raise UserError(f"{checkpoints.state_prefix(start.prefix)}: holds iteration "
                                 f"{int(self.counters['iteration'].numpy())}, expected {start.iteration}")
         what = {"scratch": "from scratch", "handover": f"from {start.prefix}",
                 "resume": f"resuming after iteration {start.iteration} ({start.prefix})"}[start.kind]
@@ -981,7 +782,7 @@ class Trainer:
         if not self.chief:
             return None
         try:
-            save_training_checkpoint(self.model, self.optimizer, self.counters, prefix)
+            checkpoints.save_training_checkpoint(self.model, base_optimizer(self.optimizer), self.counters, prefix)
         except checkpoints.NonFiniteWeights as err:
             raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
         self.last_good = prefix

@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints  # noqa: E402
 import train_model  # noqa: E402
 import utils  # noqa: E402
 
@@ -187,7 +188,7 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
     assert [p.returncode for p in procs] == [130, 130], (err0[-2000:], err1[-2000:])
     last = utils.get_last_iter(5, str(tmp_path / "w0"))
     assert last is not None and last >= 1
-    assert last in train_model.resumable_iterations(str(tmp_path / "w0"), 5)
+    assert last in checkpoints.resumable_iterations(str(tmp_path / "w0"), 5)
     assert last_line(err0) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; saved "
                                f"{utils.checkpoint_prefix(str(tmp_path / 'w0'), 5, last)}: continue with resume=true")
     assert last_line(err1) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; the chief "

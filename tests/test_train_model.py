@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import checkpoints  # noqa: E402
 import train_model  # noqa: E402
 import utils  # noqa: E402
 from test_vgg import random_vgg_weights, write_matconvnet_vgg  # noqa: E402
@@ -242,7 +243,7 @@ def test_resume_equals_uninterrupted_run(model, pynet, sample_dataset, tmp_path)
         run(make_args(sample_dataset, tmp_path / "split", **common), model, stop=stop, on_step=stop_after_1)
     models = tmp_path / "split" / "models"
     assert utils.get_last_iter(5, str(models)) == 1
-    assert train_model.resumable_iterations(str(models), 5) == [0, 1]
+    assert checkpoints.resumable_iterations(str(models), 5) == [0, 1]
 
     model.set_weights(pynet[1])
     seen_b = []
@@ -270,30 +271,30 @@ def test_start_points(tmp_path):
     models.mkdir()
     args = lambda **kw: {"level": 5, "models_dir": str(models), "resume": False, "restore_iter": None, **kw}  # noqa
     notes = []
-    assert train_model.find_start(args(), log=notes.append).kind == "scratch"
-    start = train_model.find_start(args(resume=True), log=notes.append)
+    assert checkpoints.find_start(args(), log=notes.append).kind == "scratch"
+    start = checkpoints.find_start(args(resume=True), log=notes.append)
     assert start.kind == "scratch" and "starting level 5 from the beginning" in notes[-1]
 
     touch_checkpoint(models, 5, 0)
     touch_checkpoint(models, 5, 1000)
     touch_checkpoint(models, 5, 1500, state=False)  # a model checkpoint without training state
     touch_checkpoint(models, 4, 2000)
-    assert train_model.resumable_iterations(str(models), 5) == [0, 1000]
-    start = train_model.find_start(args(resume=True), log=notes.append)
+    assert checkpoints.resumable_iterations(str(models), 5) == [0, 1000]
+    start = checkpoints.find_start(args(resume=True), log=notes.append)
     assert (start.kind, start.iteration) == ("resume", 1000)
     assert "iteration_1500.ckpt has no training state" in notes[-1]
     # level 4 resumes its own checkpoint; without resume it starts from level 5's latest
-    assert train_model.find_start(args(level=4, resume=True)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
+    assert checkpoints.find_start(args(level=4, resume=True)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
     # starting level 4 afresh where level 4 of another run is: refused, unless overwrite=true
     with pytest.raises(utils.UserError, match="already holds level-4 checkpoints of an earlier run"):
-        train_model.find_start(args(level=4))
-    start = train_model.find_start(args(level=4, overwrite=True))
+        checkpoints.find_start(args(level=4))
+    start = checkpoints.find_start(args(level=4, overwrite=True))
     assert (start.kind, start.prefix) == ("handover", utils.checkpoint_prefix(str(models), 5, 1500))
-    assert train_model.find_start(args(level=4, restore_iter=0, overwrite=True)).prefix.endswith(
+    assert checkpoints.find_start(args(level=4, restore_iter=0, overwrite=True)).prefix.endswith(
         "pynet_level_5_iteration_0.ckpt")
-    assert train_model.find_start(args(level=3)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
+    assert checkpoints.find_start(args(level=3)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
     with pytest.raises(utils.UserError, match="train level 3 first"):
-        train_model.find_start(args(level=2))
+        checkpoints.find_start(args(level=2))
 
 
 @pytest.mark.slow
@@ -593,7 +594,7 @@ def test_cli_level5_sigterm_then_level4(sample_dataset, tmp_path):
     last = utils.get_last_iter(5, str(tmp_path / "models"))
     assert last is not None and last >= 1
     assert f"stopped by SIGTERM after iteration {last}" in err and "resume=true" in err
-    assert train_model.resumable_iterations(str(tmp_path / "models"), 5)[-1] == last
+    assert checkpoints.resumable_iterations(str(tmp_path / "models"), 5)[-1] == last
 
     proc = subprocess.run([sys.executable, "train_model.py", "level=4", "num_train_iters=1", "eval_step=1"] + common,
                           env=ENV, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
