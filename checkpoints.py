@@ -255,10 +255,10 @@ def save_training_checkpoint(model, adam, counters, prefix):
     anything is written; a failed write (a full disk) leaves neither (all_or_nothing)."""
     import model as pynet
 
-    pynet.check_finite(model, prefix)
+    pynet.check_finite(model, prefix)  # before the training state is written
     with all_or_nothing(prefix):
         save_state(adam, counters, prefix)
-        pynet.save_checkpoint(model, prefix)
+        pynet.save_checkpoint(model, prefix, finite_checked=True)
 
 
 # ---------------------------------------------------------------------------------------

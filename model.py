@@ -377,11 +377,12 @@ def check_finite(model, prefix: str) -> None:
                                            count=bad)
 
 
-def save_checkpoint(model, prefix: str) -> None:
+def save_checkpoint(model, prefix: str, finite_checked: bool = False) -> None:
     """Write all variables of a full PyNET under the reference's keys, as a TF V2 checkpoint
     (``prefix.index`` + ``prefix.data-00000-of-00001``) that TF1's Saver can restore too.
 
-    Weights with NaN or Inf are refused. Written under a temporary prefix and renamed, the
+    Weights with NaN or Inf are refused (``finite_checked``: the caller has just run
+    check_finite, a pass over every weight). Written under a temporary prefix and renamed, the
     index last: a crash never leaves a checkpoint that looks complete but is not, and a
     failed write (a full disk) leaves nothing (checkpoints.all_or_nothing).
     """
@@ -390,7 +391,8 @@ def save_checkpoint(model, prefix: str) -> None:
     entries = tf1_variables(model)
     if len(entries) != TF1_VARIABLE_COUNT:
         raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
-    check_finite(model, prefix)
+    if not finite_checked:
+        check_finite(model, prefix)
     import utils
 
     folder = os.path.dirname(prefix)

@@ -631,7 +631,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self):
-        """Train; returns the path of the last checkpoint written."""
+        """Train; returns the last good checkpoint (the last one this task wrote, else the one it
+        resumed from), None when there is none."""
         args, level = self.args, self.level
         models_dir = args["models_dir"]
         last_iter = args["num_train_iters"]
@@ -646,7 +647,7 @@ class Trainer:
                 utils.write_file(logs, b"")
         if first > last_iter:
             self.out(f"level {level} already has {first} of {last_iter + 1} steps: nothing to do")
-            return self.start.prefix
+            return self.last_good
 
         test_ds, test_log = self.test_ds, self.test_log
         crops = visual_crops(args, self.test_indices)
@@ -657,7 +658,6 @@ class Trainer:
 
         restore_handlers = self.stop.install()
         bar = None
-        last_saved = self.start.prefix if self.start.kind == "resume" else None
         try:
             from tqdm import tqdm
 
@@ -686,12 +686,12 @@ class Trainer:
                 if self.on_step is not None:
                     self.on_step(i, loss)
                 if i % args["eval_step"] == 0 or i == last_iter:
-                    last_saved = self.checkpoint(i, test_ds, test_log, crops, writer, bar)
+                    self.checkpoint(i, test_ds, test_log, crops, writer, bar)
                 elif self.stop.reason is not None:
-                    last_saved = self.save(i)
+                    self.save(i)
                 if self.stop.reason is not None and i < last_iter:
                     self.barrier(f"after iteration {i} of level {level}")
-                    saved = f"saved {last_saved}" if self.chief else \
+                    saved = f"saved {self.last_good}" if self.chief else \
                         f"the chief ({self.cluster.chief.name}) saved iteration {i} in its models_dir"
                     raise TrainingStopped(f"stopped by {self.stop.reason} after iteration {i} of level {level}; "
                                           f"{saved}: continue with resume=true")
@@ -702,7 +702,7 @@ class Trainer:
             restore_handlers()
             if writer is not None:
                 writer.close()
-        return last_saved
+        return self.last_good
 
     def barrier(self, when):
         """With several tasks, wait until every task is here (the chief has saved) before
@@ -764,7 +764,7 @@ class Trainer:
         self.counters["loss_sum"].assign(0.0)
         self.counters["loss_count"].assign(0)
         if not self.chief:
-            return None
+            return
         utils.append_text(os.path.join(self.args["models_dir"], "logs.txt"), line + "\n")
         if writer is not None:
             writer.scalar("train/loss_since_last_eval", training, i)
@@ -773,20 +773,18 @@ class Trainer:
                     writer.scalar(f"test/{key}", metrics[key], i)
             writer.flush()
         self.save_visuals(i, crops, writer)
-        return self.save(i)
+        self.save(i)
 
     def save(self, i):
-        """Write the checkpoint of iteration ``i`` (the chief; the other tasks write nothing and
-        return None)."""
+        """Write the checkpoint of iteration ``i`` (the chief; the other tasks write nothing)."""
         prefix = utils.checkpoint_prefix(self.args["models_dir"], self.level, i)
         if not self.chief:
-            return None
+            return
         try:
             checkpoints.save_training_checkpoint(self.model, base_optimizer(self.optimizer), self.counters, prefix)
         except checkpoints.NonFiniteWeights as err:
             raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
         self.last_good = prefix
-        return prefix
 
     def nonfinite_stop(self, what, i):
         """The one-line error that stops a run gone non-finite; only a checkpoint with finite
