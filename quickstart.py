@@ -18,7 +18,7 @@ import sys
 import time
 
 import utils
-from train_model import _patch_check
+from utils import patch_size_check as _patch_check
 from utils import Arg
 
 # The quick start's own schedule, not the paper's (README, "The real thing", step 4): a higher

@@ -47,10 +47,6 @@ def _default_eval_batch(values):
     return max(1, values["batch_size"] // max(1, values["accum_steps"]))
 
 
-def _patch_check(value):
-    return None if 16 <= value <= 224 and value % 16 == 0 else "a multiple of 16 from 16 to 224"
-
-
 SPEC = [
     # the reference's arguments (reference utils.py, process_command_args)
     utils.level_arg(),
@@ -71,7 +67,7 @@ SPEC = [
         check=utils.positive),
     # additions
     Arg("patch_size", int, 224, "side of the packed training/test crops (224 = the whole ZRR patch)",
-        check=_patch_check),
+        check=utils.patch_size_check),
     Arg("whole_dataset", utils.BOOL, False, "stream every training patch (reshuffled each pass) instead of "
         "train_size patches redrawn every refresh_every iterations"),
     Arg("refresh_every", int, 1000, "iterations between redraws of the train_size subset", check=utils.positive),

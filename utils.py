@@ -142,6 +142,12 @@ def non_negative(value):
     return None if value >= 0 else "a value of 0 or more"
 
 
+def patch_size_check(value):
+    """A side of packed crops the network takes: its four poolings need multiples of 16, and a
+    ZRR patch packs to 224."""
+    return None if 16 <= value <= 224 and value % 16 == 0 else "a multiple of 16 from 16 to 224"
+
+
 def format_help(prog: str, description: str, spec) -> str:
     width = max(len(a.name) for a in spec) + 2
     lines = [f"usage: python {prog} [key=value ...]", "", description, "", "arguments (default in brackets):"]
