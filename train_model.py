@@ -398,7 +398,7 @@ class Steps:
 
 
 # ---------------------------------------------------------------------------------------
-# outputs: log line, visual results, TensorBoard
+# outputs: log line, visual results
 
 def format_log(i, training, metrics) -> str:
     """The reference's log line; content is "n/a" at levels 5 and 4 when VGG is not loaded."""
@@ -413,49 +413,6 @@ def format_log(i, training, metrics) -> str:
 def visual_images(predictions, targets, stretch):
     """uint8 [prediction | target] images, clipped (or min-max stretched as the reference)."""
     return [utils.to_uint(np.hstack((p, t)), 8, stretch) for p, t in zip(predictions, targets)]
-
-
-class Summaries:
-    """TensorBoard summaries written with TensorFlow's own ``tf.summary.write`` and the plugin
-    metadata TensorBoard's scalar and image dashboards read, so that training does not need
-    the tensorboard package (only viewing them does)."""
-
-    def __init__(self, logdir):
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        self.writer = tf.summary.create_file_writer(logdir)
-        self.logdir = logdir
-
-        def metadata(plugin, data_class):
-            return summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
-                data_class=data_class).SerializeToString()
-
-        self._scalar_meta = metadata("scalars", summary_pb2.DATA_CLASS_SCALAR)
-        self._image_meta = metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE)
-
-    def scalar(self, tag, value, step):
-        import tensorflow as tf
-
-        with self.writer.as_default():
-            tf.summary.write(tag, tf.constant(float(value), tf.float32), step=int(step), metadata=self._scalar_meta)
-
-    def images(self, tag, images, step):
-        """uint8 H x W x 3 arrays of one size, stored as PNGs (TensorBoard's image layout:
-        [width, height, png, png, ...])."""
-        import tensorflow as tf
-
-        height, width = images[0].shape[:2]
-        blobs = [str(width).encode(), str(height).encode()] + [tf.io.encode_png(img).numpy() for img in images]
-        with self.writer.as_default():
-            tf.summary.write(tag, tf.constant(blobs), step=int(step), metadata=self._image_meta)
-
-    def flush(self):
-        self.writer.flush()
-
-    def close(self):
-        self.writer.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -615,6 +572,8 @@ class Trainer:
         return {key: value / count for key, value in sums.items()}
 
     def save_visuals(self, i, crops, writer):
+        import tensorflow as tf
+
         raw, targets = crops
         predictions = self.steps.predict(raw).numpy()
         images = visual_images(predictions, targets, self.args["visual_stretch"])
@@ -622,13 +581,17 @@ class Trainer:
             utils.write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
                        image)
         if writer is not None:
-            writer.images("visual/prediction_target", visual_images(predictions, targets, False), i)
+            with writer.as_default(step=i):
+                tf.summary.image("visual/prediction_target", np.stack(visual_images(predictions, targets, False)),
+                                 max_outputs=len(images))
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self):
         """Train; returns the last good checkpoint (the last one this task wrote, else the one it
         resumed from), None when there is none."""
+        import tensorflow as tf
+
         args, level = self.args, self.level
         models_dir = args["models_dir"]
         last_iter = args["num_train_iters"]
@@ -650,7 +613,7 @@ class Trainer:
         iterator, train_log = self.train_input(first)
         writer = None
         if args["tensorboard"] and self.chief:
-            writer = Summaries(os.path.join(models_dir, "tensorboard", f"level_{level}"))
+            writer = tf.summary.create_file_writer(os.path.join(models_dir, "tensorboard", f"level_{level}"))
 
         restore_handlers = self.stop.install()
         bar = None
@@ -674,7 +637,8 @@ class Trainer:
                 self.counters["loss_sum"].assign_add(loss)
                 self.counters["loss_count"].assign_add(1)
                 if writer is not None:
-                    writer.scalar("train/loss", loss, i)
+                    with writer.as_default(step=i):
+                        tf.summary.scalar("train/loss", loss)
                 count = int(self.counters["loss_count"].numpy())
                 bar.set_postfix(loss=f"{float(self.counters['loss_sum'].numpy()) / count:.4g}",
                                 input_wait=f"{100 * wait_total / max(step_total, 1e-9):.0f}%", refresh=False)
@@ -750,6 +714,8 @@ class Trainer:
 
     def checkpoint(self, i, test_ds, test_log, crops, writer, bar):
         """Evaluate, log, save the visual results and the checkpoint (the reference's eval block)."""
+        import tensorflow as tf
+
         metrics = self.evaluate(test_ds, test_log)
         count = int(self.counters["loss_count"].numpy())
         training = float(self.counters["loss_sum"].numpy()) / max(count, 1)
@@ -763,12 +729,14 @@ class Trainer:
             return
         utils.append_text(os.path.join(self.args["models_dir"], "logs.txt"), line + "\n")
         if writer is not None:
-            writer.scalar("train/loss_since_last_eval", training, i)
-            for key in ("loss", "content", "mse", "psnr", "ms_ssim"):
-                if key in metrics:
-                    writer.scalar(f"test/{key}", metrics[key], i)
-            writer.flush()
+            with writer.as_default(step=i):
+                tf.summary.scalar("train/loss_since_last_eval", training)
+                for key in ("loss", "content", "mse", "psnr", "ms_ssim"):
+                    if key in metrics:
+                        tf.summary.scalar(f"test/{key}", metrics[key])
         self.save_visuals(i, crops, writer)
+        if writer is not None:
+            writer.flush()
         self.save(i)
 
     def save(self, i):
