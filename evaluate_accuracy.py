@@ -209,8 +209,8 @@ def evaluate_and_report(params) -> dict:
         utils.remove_stale_temps(os.path.dirname(params["csv"]) or ".")
     print(load_dataset.describe_dataset(params["dataset_dir"]))
     indices = load_dataset.check_dataset(params["dataset_dir"], "test", deep=True)
-    dataset = load_dataset.test_dataset(params["dataset_dir"], level, params["batch_size"], drop_remainder=False,
-                                        indices=indices)
+    dataset, log = load_dataset.test_dataset(params["dataset_dir"], level, params["batch_size"],
+                                             drop_remainder=False, indices=indices)
     if baseline:
         print(f"model: classical baseline ISP (black level {params['black_level']:g}, bilinear demosaic, "
               f"gray-world white balance, sRGB gamma)")
@@ -227,7 +227,7 @@ def evaluate_and_report(params) -> dict:
         from render import level_function
 
         predict = level_function(model, level)
-    scores = evaluate(predict, load_dataset.batches(dataset), total=len(indices))
+    scores = evaluate(predict, load_dataset.batches(dataset, log), total=len(indices))
     print(f"{len(indices)} test patches")
     print(summary(scores, load_dataset.target_size(level)))
     if params["csv"]:

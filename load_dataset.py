@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -372,13 +373,13 @@ def check_dataset(dataset_dir, split, skip_bad=False, deep=False, verbose=True) 
 # ---------------------------------------------------------------------------------------
 # tf.data pipelines
 
-class _ErrorLog:
-    """Errors met while the pipeline reads files (shared by its worker threads)."""
+class ErrorLog:
+    """Errors met while a pipeline reads files (shared by its worker threads); ``first`` is the
+    first one, which ``batches`` raises once the stream it ended is exhausted."""
 
     def __init__(self, skip_bad: bool):
         self.skip_bad = skip_bad
         self.first = None
-        self.reported = False
         self.bad = set()
         self._lock = threading.Lock()
 
@@ -394,7 +395,11 @@ class _ErrorLog:
             warn(f"skipping: {message} ({count} bad patch(es) skipped so far)")
 
 
-_LOGS = []  # every pipeline's error log, for batches() on a derived dataset
+class Pipeline(NamedTuple):
+    """What train_dataset and test_dataset return."""
+
+    dataset: Any  # tf.data.Dataset of (raw, target) batches
+    log: ErrorLog
 
 
 def decode_threads() -> int:
@@ -407,8 +412,7 @@ def _pipeline(plan_dataset, dataset_dir, split, level, patch, batch_size, skip_b
     import tensorflow as tf
 
     side = target_size(level, patch)
-    log = _ErrorLog(skip_bad)
-    _LOGS.append(log)
+    log = ErrorLog(skip_bad)
 
     def load(plan):
         index, k, flip, oy, ox = (int(v) for v in plan)
@@ -449,9 +453,7 @@ def _pipeline(plan_dataset, dataset_dir, split, level, patch, batch_size, skip_b
     options = tf.data.Options()
     options.threading.private_threadpool_size = decode_threads()
     options.threading.max_intra_op_parallelism = 1
-    ds = ds.with_options(options)
-    ds._pynet_error_log = log
-    return ds
+    return Pipeline(ds.with_options(options), log)
 
 
 def _check_positive(name, value):
@@ -504,11 +506,11 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
 
     Files are read from disk as needed (parallel decode, 2 batches prefetched), so memory does
     not grow with ``train_size``. See ``train_plan`` for the sampling and augmentation; a patch
-    below 224 is a random crop, the same on RAW and target. Iterate with ``batches(ds)`` so that a
+    below 224 is a random crop, the same on RAW and target. Iterate with ``batches(dataset, log)`` so that a
     bad file met on the way becomes a one-line DataError (without it the stream just ends).
     A ``train_size`` larger than the dataset is reduced to it, with a warning. ``start_batch=n``
     resumes the same stream after its first n batches without reading their files.
-    The pipeline's error log is ``ds._pynet_error_log`` (``.first``: the first error met).
+    Returns a Pipeline: the tf.data dataset and its ErrorLog.
 
     For accumulation and several input pipelines (tf.distribute), the plan of each batch of
     ``batch_size`` is cut into ``micro_batches`` consecutive micro-batches, and ``shard=(i, n)``
@@ -560,6 +562,7 @@ def test_dataset(dataset_dir, level, batch_size, patch=PATCH, drop_remainder=Tru
     Every test file is decoded and checked once here (the split is small), so a bad file is a
     DataError now rather than a short evaluation later; ``indices``: the usable patches, when
     the caller ran that check (check_dataset with deep=True). A patch below 224 is a centre crop.
+    Returns a Pipeline: the tf.data dataset and its ErrorLog.
     """
     import tensorflow as tf
 
@@ -574,19 +577,12 @@ def test_dataset(dataset_dir, level, batch_size, patch=PATCH, drop_remainder=Tru
                      batch_size, skip_bad, drop_remainder)
 
 
-def batches(dataset):
-    """Iterate a dataset made here; if a bad file ended it early, raise its one-line DataError.
-
-    Works on the object returned by train_dataset/test_dataset, and on a dataset derived from
-    one (``ds.take(n)``...), for which every pipeline of this process is checked.
-    """
-    own = getattr(dataset, "_pynet_error_log", None)
-    for element in dataset:
-        yield element
-    for log in [own] if own is not None else list(_LOGS):
-        if log.first is not None and not log.skip_bad and not log.reported:
-            log.reported = True
-            raise DataError(log.first)
+def batches(dataset, log):
+    """Iterate a pipeline's dataset (or one derived from it: ``ds.take(n)``...); if a bad file
+    ended it early, raise ``log``'s one-line DataError."""
+    yield from dataset
+    if log.first is not None and not log.skip_bad:
+        raise DataError(log.first)
 
 
 # ---------------------------------------------------------------------------------------

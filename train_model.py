@@ -196,12 +196,11 @@ def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indi
     Returns (dataset, error log)."""
     import load_dataset
 
-    ds = load_dataset.train_dataset(
+    return load_dataset.train_dataset(
         args["dataset_dir"], args["level"], args["batch_size"], train_size=args["train_size"],
         whole=args["whole_dataset"], patch=args["patch_size"], seed=args["seed"], skip_bad=args["skip_bad"],
         refresh_every=args["refresh_every"], start_batch=start_step, micro_batches=args["accum_steps"],
         shard=shard, out_batch=replica_batch, indices=indices)
-    return ds, ds._pynet_error_log
 
 
 def test_data(args):
@@ -210,10 +209,10 @@ def test_data(args):
     import load_dataset
 
     indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], deep=True)
-    ds = load_dataset.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
-                                   patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
+    ds, log = load_dataset.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
+                                        patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
     check_eval_batch(args, len(indices))
-    return ds, ds._pynet_error_log, indices
+    return ds, log, indices
 
 
 def visual_crops(args, test_indices):

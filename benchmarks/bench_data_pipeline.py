@@ -56,8 +56,8 @@ def throughput(dataset_dir, level, seconds):
     import load_dataset
 
     batch = REFERENCE_BATCH[level]
-    iterator = iter(load_dataset.batches(load_dataset.train_dataset(dataset_dir, level, batch, train_size=5000,
-                                                                    verbose=False)))
+    iterator = iter(load_dataset.batches(*load_dataset.train_dataset(dataset_dir, level, batch, train_size=5000,
+                                                                     verbose=False)))
     for _ in range(2):  # warm-up: threads started, files in the page cache
         next(iterator)
     count, start = 0, time.perf_counter()
@@ -76,10 +76,10 @@ def rss_child(dataset_dir, batches, train_size):
 
     after_import = peak_rss_mib()
     start = time.perf_counter()
-    ds = load_dataset.train_dataset(dataset_dir, 0, 10, train_size=train_size, verbose=False)
+    ds, log = load_dataset.train_dataset(dataset_dir, 0, 10, train_size=train_size, verbose=False)
     check_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in load_dataset.batches(ds.take(batches)):
+    for _ in load_dataset.batches(ds.take(batches), log):
         pass
     stream_s = time.perf_counter() - start
     with open("/proc/self/status") as handle:

@@ -195,8 +195,8 @@ def test_pynet_level_is_scored_against_that_levels_target(full_model, small_data
     from render import level_function
 
     predict = level_function(full_model, level)
-    dataset = load_dataset.test_dataset(str(small_dataset), level, 2, drop_remainder=False, verbose=False)
-    scores = ev.evaluate(predict, load_dataset.batches(dataset), total=3, progress=False)
+    dataset, log = load_dataset.test_dataset(str(small_dataset), level, 2, drop_remainder=False, verbose=False)
+    scores = ev.evaluate(predict, load_dataset.batches(dataset, log), total=3, progress=False)
     assert len(scores["psnr"]) == 3 and scores["ms_ssim"] is None   # 56 x 56 targets
     for i in range(3):
         raw, target = load_dataset.load_pair(str(small_dataset), "test", i, level)

@@ -58,9 +58,10 @@ def index_of(raw_sample):
     return int(round(float(raw_sample[0, 0, 0]) * 1020 - 100)) // 10
 
 
-def collect(dataset, batches):
+def collect(pipeline, batches):
+    dataset, log = pipeline
     out = []
-    for raw, target in ld.batches(dataset.take(batches)):
+    for raw, target in ld.batches(dataset.take(batches), log):
         out.append((raw.numpy(), target.numpy()))
     return out
 
@@ -216,11 +217,11 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
 def test_pipeline_equals_the_plan_applied_by_hand(tmp_path):
     root = make_dataset(tmp_path / "d", 5, 1)
     level, patch, batch = 2, 48, 3
-    ds = ld.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2, verbose=False)
+    pipeline = ld.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2, verbose=False)
     plan = ld.train_plan(list(range(5)), batch, 4, False, patch, level, 11, 2)
     scale = 2.0 ** (1 - level)
     side = int(patch * 0.5)
-    for raw, target in collect(ds, 4):
+    for raw, target in collect(pipeline, 4):
         assert raw.shape == (batch, patch, patch, 4) and target.shape == (batch, side, side, 3)
         for r, t in zip(raw, target):
             index, k, flip, oy, ox = (int(v) for v in next(plan))
@@ -238,8 +239,8 @@ def test_pipeline_equals_the_plan_applied_by_hand(tmp_path):
 
 def test_train_size_subset_holds_within_each_window(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    ds = ld.train_dataset(root, 5, batch_size=4, train_size=3, seed=2, refresh_every=3, verbose=False)
-    batches = collect(ds, 1 + 3 * 4)
+    pipeline = ld.train_dataset(root, 5, batch_size=4, train_size=3, seed=2, refresh_every=3, verbose=False)
+    batches = collect(pipeline, 1 + 3 * 4)
     windows = [batches[:1]] + [batches[1 + 3 * w: 4 + 3 * w] for w in range(4)]
     used = []
     for window in windows:
@@ -255,8 +256,8 @@ def test_train_size_subset_holds_within_each_window(tmp_path):
 
 def test_whole_dataset_stream_covers_every_patch(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    ds = ld.train_dataset(root, 4, batch_size=4, whole=True, seed=0, verbose=False)
-    ids = [index_of(r) for raw, _ in collect(ds, 4) for r in raw]
+    pipeline = ld.train_dataset(root, 4, batch_size=4, whole=True, seed=0, verbose=False)
+    ids = [index_of(r) for raw, _ in collect(pipeline, 4) for r in raw]
     assert sorted(ids[:8]) == list(range(8)) and sorted(ids[8:]) == list(range(8))
 
 
@@ -264,8 +265,9 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
 
     def ids(seed, start_batch=0, count=3):
-        ds = ld.train_dataset(root, 5, batch_size=4, train_size=8, seed=seed, verbose=False, start_batch=start_batch)
-        return [index_of(r) for raw, _ in collect(ds, count) for r in raw]
+        pipeline = ld.train_dataset(root, 5, batch_size=4, train_size=8, seed=seed, verbose=False,
+                                    start_batch=start_batch)
+        return [index_of(r) for raw, _ in collect(pipeline, count) for r in raw]
 
     assert ids(1) == ids(1)
     assert ids(1) != ids(2)
@@ -274,15 +276,15 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
 
 def test_train_size_larger_than_the_dataset_is_reduced_with_a_warning(tmp_path, capsys):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    ds = ld.train_dataset(root, 5, batch_size=2, train_size=5000)
-    assert len(collect(ds, 2)) == 2
+    pipeline = ld.train_dataset(root, 5, batch_size=2, train_size=5000)
+    assert len(collect(pipeline, 2)) == 2
     assert "train_size=5000 is larger than the 8 training patches" in capsys.readouterr().err
 
 
 def test_test_dataset_is_in_order_finite_and_centre_cropped(tmp_path):
     root = make_dataset(tmp_path / "d", 1, 5)
-    ds = ld.test_dataset(root, 1, batch_size=2, patch=64, verbose=False)
-    got = collect(ds, 100)
+    pipeline = ld.test_dataset(root, 1, batch_size=2, patch=64, verbose=False)
+    got = collect(pipeline, 100)
     assert len(got) == 2  # 5 patches, batch 2, remainder dropped as the reference's evaluation
     assert len(collect(ld.test_dataset(root, 1, 2, patch=64, drop_remainder=False, verbose=False), 100)) == 3
     offset = (224 - 64) // 2
@@ -373,9 +375,9 @@ def test_errors_found_while_streaming_name_the_file(tmp_path):
     write_png_mosaic(os.path.join(root, "train/huawei_raw/2.png"), np.full((448, 448), 2000))
     corrupt_middle(os.path.join(root, "train/huawei_raw/3.png"))
     assert ld.check_dataset(root, "train") == [0, 1, 2, 3]  # headers are fine
-    ds = ld.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
+    pipeline = ld.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
     with pytest.raises(ld.DataError) as error:
-        for _ in ld.batches(ds):
+        for _ in ld.batches(*pipeline):
             pass
     message = str(error.value)
     assert "\n" not in message and "train/huawei_raw/" in message
@@ -403,8 +405,8 @@ def test_skip_bad_warns_per_file_and_counts(tmp_path, capsys):
 def test_skip_bad_drops_patches_found_bad_while_streaming(tmp_path, capsys):
     root = uniform_dataset(tmp_path / "u", n_train=6)
     write_png_mosaic(os.path.join(root, "train/huawei_raw/3.png"), np.full((448, 448), 1500))
-    ds = ld.train_dataset(root, 5, batch_size=3, whole=True, skip_bad=True, seed=0, verbose=False)
-    ids = [index_of(r) for raw, _ in collect(ds, 5) for r in raw]
+    pipeline = ld.train_dataset(root, 5, batch_size=3, whole=True, skip_bad=True, seed=0, verbose=False)
+    ids = [index_of(r) for raw, _ in collect(pipeline, 5) for r in raw]
     assert len(ids) == 15 and 3 not in ids and set(ids) == {0, 1, 2, 4, 5}
     warnings = [line for line in capsys.readouterr().err.splitlines() if "huawei_raw/3.png" in line]
     assert len(warnings) == 1 and "1 bad patch(es) skipped" in warnings[0]

@@ -515,9 +515,9 @@ def test_corrupt_jpeg_target_fails_the_deep_check_and_the_stream(tmp_path, capsy
         load_dataset.check_dataset(str(root), "train", deep=True)
     code, lines = run_main(load_dataset.main, [f"dataset_dir={root}"], capsys)
     assert_one_line(code, lines, 1, r"train/canon/1\.jpg: cannot decode the JPEG \(Corrupt JPEG data")
-    ds = load_dataset.train_dataset(str(root), 5, batch_size=2, train_size=2, verbose=False)
+    ds, log = load_dataset.train_dataset(str(root), 5, batch_size=2, train_size=2, verbose=False)
     with pytest.raises(load_dataset.DataError, match=r"1\.jpg: cannot decode the JPEG \(Corrupt JPEG data"):
-        for count, _ in enumerate(load_dataset.batches(ds)):
+        for count, _ in enumerate(load_dataset.batches(ds, log)):
             if count == 50:   # the stream ends at the bad file long before: 2 patches, batches of 2
                 break
     # the intact ones decode to exactly Pillow's pixels

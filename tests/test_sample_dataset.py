@@ -112,12 +112,12 @@ def test_raw_and_target_show_the_same_scene(sample_dataset):
 
 
 def test_sample_feeds_the_training_and_test_pipelines(sample_dataset):
-    ds = ld.train_dataset(sample_dataset, 1, batch_size=2, train_size=8, verbose=False)
-    for raw, target in ld.batches(ds.take(2)):
+    ds, log = ld.train_dataset(sample_dataset, 1, batch_size=2, train_size=8, verbose=False)
+    for raw, target in ld.batches(ds.take(2), log):
         assert raw.shape == (2, 224, 224, 4) and target.shape == (2, 224, 224, 3)
         assert 0.0 <= float(raw.numpy().min()) and float(raw.numpy().max()) <= 1023 / 1020
         assert 0.0 <= float(target.numpy().min()) and float(target.numpy().max()) <= 1.0
-    batches = list(ld.batches(ld.test_dataset(sample_dataset, 0, batch_size=1, verbose=False)))
+    batches = list(ld.batches(*ld.test_dataset(sample_dataset, 0, batch_size=1, verbose=False)))
     assert len(batches) == 3 and batches[0][1].shape == (1, 448, 448, 3)
 
 
