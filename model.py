@@ -14,6 +14,7 @@ Input: packed Bayer [B, Gb, R, Gr] (load_dataset.extract_bayer_channels), shape
 """
 
 import os
+import re
 
 import keras
 import numpy as np
@@ -169,27 +170,18 @@ def cat(*tensors):
     return ops.concatenate(list(tensors), axis=-1)
 
 
-class _Builder:
-    """Creates the named layers and remembers their order and variable counts, which fix the
-    checkpoint numbering. A partial build creates the upsampling layers of the next level
-    too (as the reference does before its head), but Keras leaves them out of the model as
-    nothing uses them; their variable counts keep the numbering of what follows."""
+# the figure's blocks, each under the reference's layer name (which fixes its checkpoint keys)
 
-    def __init__(self):
-        self.order = []
+def mb(name, max_size, filters, instance_norm):
+    return MultiConvBlock(max_size, filters, instance_norm, name=name)
 
-    def _add(self, layer):
-        self.order.append((layer.name, layer.tf1_variable_count()))
-        return layer
 
-    def mb(self, name, max_size, filters, instance_norm):
-        return self._add(MultiConvBlock(max_size, filters, instance_norm, name=name))
+def up(name, filters):
+    return UpConv(filters, name=name)
 
-    def up(self, name, filters):
-        return self._add(UpConv(filters, name=name))
 
-    def head(self, name):
-        return self._add(OutputHead(name=name))
+def head(name):
+    return OutputHead(name=name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,91 +194,88 @@ def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet"
     """
     if level not in range(6):
         raise ValueError(f"level must be 0..5, got {level}")
-    b = _Builder()
     IN, IN1 = instance_norm, instance_norm_level_1
     raw = keras.Input(shape=(None, None, 4), name="raw")
 
     # encoder
-    conv_l1_d1 = b.mb("conv_l1_d1", 3, 32, False)(raw)
+    conv_l1_d1 = mb("conv_l1_d1", 3, 32, False)(raw)
     pool1 = max_pool(conv_l1_d1, "pool1")
-    conv_l2_d1 = b.mb("conv_l2_d1", 3, 64, IN)(pool1)
+    conv_l2_d1 = mb("conv_l2_d1", 3, 64, IN)(pool1)
     pool2 = max_pool(conv_l2_d1, "pool2")
-    conv_l3_d1 = b.mb("conv_l3_d1", 3, 128, IN)(pool2)
+    conv_l3_d1 = mb("conv_l3_d1", 3, 128, IN)(pool2)
     pool3 = max_pool(conv_l3_d1, "pool3")
-    conv_l4_d1 = b.mb("conv_l4_d1", 3, 256, IN)(pool3)
+    conv_l4_d1 = mb("conv_l4_d1", 3, 256, IN)(pool3)
     pool4 = max_pool(conv_l4_d1, "pool4")
 
     # level 5: 1/16 of the packed input
-    conv_l5_d1 = b.mb("conv_l5_d1", 3, 512, IN)(pool4)
-    conv_l5_d2 = b.mb("conv_l5_d2", 3, 512, IN)(conv_l5_d1) + conv_l5_d1
-    conv_l5_d3 = b.mb("conv_l5_d3", 3, 512, IN)(conv_l5_d2) + conv_l5_d2
-    conv_l5_d4 = b.mb("conv_l5_d4", 3, 512, IN)(conv_l5_d3)
-    conv_t4a = b.up("conv_t4a", 256)(conv_l5_d4)
-    conv_t4b = b.up("conv_t4b", 256)(conv_l5_d4)
-    outputs = [b.head("conv_l5_out")(conv_l5_d4)]
+    conv_l5_d1 = mb("conv_l5_d1", 3, 512, IN)(pool4)
+    conv_l5_d2 = mb("conv_l5_d2", 3, 512, IN)(conv_l5_d1) + conv_l5_d1
+    conv_l5_d3 = mb("conv_l5_d3", 3, 512, IN)(conv_l5_d2) + conv_l5_d2
+    conv_l5_d4 = mb("conv_l5_d4", 3, 512, IN)(conv_l5_d3)
+    conv_t4a = up("conv_t4a", 256)(conv_l5_d4)
+    conv_t4b = up("conv_t4b", 256)(conv_l5_d4)
+    outputs = [head("conv_l5_out")(conv_l5_d4)]
 
     # level 4: 1/8
     if level <= 4:
         conv_l4_d2 = cat(conv_l4_d1, conv_t4a)
-        conv_l4_d3 = b.mb("conv_l4_d3", 3, 256, IN)(conv_l4_d2)
-        conv_l4_d4 = b.mb("conv_l4_d4", 3, 256, IN)(conv_l4_d3) + conv_l4_d3
-        conv_l4_d5 = b.mb("conv_l4_d5", 3, 256, IN)(conv_l4_d4) + conv_l4_d4
-        conv_l4_d6 = cat(b.mb("conv_l4_d6", 3, 256, IN)(conv_l4_d5), conv_t4b)
-        conv_l4_d7 = b.mb("conv_l4_d7", 3, 256, IN)(conv_l4_d6)
-        conv_t3a = b.up("conv_t3a", 128)(conv_l4_d7)
-        conv_t3b = b.up("conv_t3b", 128)(conv_l4_d7)
-        outputs.insert(0, b.head("conv_l4_out")(conv_l4_d7))
+        conv_l4_d3 = mb("conv_l4_d3", 3, 256, IN)(conv_l4_d2)
+        conv_l4_d4 = mb("conv_l4_d4", 3, 256, IN)(conv_l4_d3) + conv_l4_d3
+        conv_l4_d5 = mb("conv_l4_d5", 3, 256, IN)(conv_l4_d4) + conv_l4_d4
+        conv_l4_d6 = cat(mb("conv_l4_d6", 3, 256, IN)(conv_l4_d5), conv_t4b)
+        conv_l4_d7 = mb("conv_l4_d7", 3, 256, IN)(conv_l4_d6)
+        conv_t3a = up("conv_t3a", 128)(conv_l4_d7)
+        conv_t3b = up("conv_t3b", 128)(conv_l4_d7)
+        outputs.insert(0, head("conv_l4_out")(conv_l4_d7))
 
     # level 3: 1/4
     if level <= 3:
         conv_l3_d2 = cat(conv_l3_d1, conv_t3a)
-        conv_l3_d3 = b.mb("conv_l3_d3", 5, 128, IN)(conv_l3_d2) + conv_l3_d2
-        conv_l3_d4 = b.mb("conv_l3_d4", 5, 128, IN)(conv_l3_d3) + conv_l3_d3
-        conv_l3_d5 = b.mb("conv_l3_d5", 5, 128, IN)(conv_l3_d4) + conv_l3_d4
-        conv_l3_d6 = cat(b.mb("conv_l3_d6", 5, 128, IN)(conv_l3_d5), conv_l3_d1)
+        conv_l3_d3 = mb("conv_l3_d3", 5, 128, IN)(conv_l3_d2) + conv_l3_d2
+        conv_l3_d4 = mb("conv_l3_d4", 5, 128, IN)(conv_l3_d3) + conv_l3_d3
+        conv_l3_d5 = mb("conv_l3_d5", 5, 128, IN)(conv_l3_d4) + conv_l3_d4
+        conv_l3_d6 = cat(mb("conv_l3_d6", 5, 128, IN)(conv_l3_d5), conv_l3_d1)
         conv_l3_d7 = cat(conv_l3_d6, conv_t3b)
-        conv_l3_d8 = b.mb("conv_l3_d8", 3, 128, IN)(conv_l3_d7)
-        conv_t2a = b.up("conv_t2a", 64)(conv_l3_d8)
-        conv_t2b = b.up("conv_t2b", 64)(conv_l3_d8)
-        outputs.insert(0, b.head("conv_l3_out")(conv_l3_d8))
+        conv_l3_d8 = mb("conv_l3_d8", 3, 128, IN)(conv_l3_d7)
+        conv_t2a = up("conv_t2a", 64)(conv_l3_d8)
+        conv_t2b = up("conv_t2b", 64)(conv_l3_d8)
+        outputs.insert(0, head("conv_l3_out")(conv_l3_d8))
 
     # level 2: 1/2
     if level <= 2:
         conv_l2_d2 = cat(conv_l2_d1, conv_t2a)
-        conv_l2_d3 = cat(b.mb("conv_l2_d3", 5, 64, IN)(conv_l2_d2), conv_l2_d1)
-        conv_l2_d4 = b.mb("conv_l2_d4", 7, 64, IN)(conv_l2_d3) + conv_l2_d3
-        conv_l2_d5 = b.mb("conv_l2_d5", 7, 64, IN)(conv_l2_d4) + conv_l2_d4
-        conv_l2_d6 = b.mb("conv_l2_d6", 7, 64, IN)(conv_l2_d5) + conv_l2_d5
-        conv_l2_d7 = cat(b.mb("conv_l2_d7", 7, 64, IN)(conv_l2_d6), conv_l2_d1)
-        conv_l2_d8 = cat(b.mb("conv_l2_d8", 5, 64, IN)(conv_l2_d7), conv_t2b)
-        conv_l2_d9 = b.mb("conv_l2_d9", 3, 64, IN)(conv_l2_d8)
-        conv_t1a = b.up("conv_t1a", 32)(conv_l2_d9)
-        conv_t1b = b.up("conv_t1b", 32)(conv_l2_d9)
-        outputs.insert(0, b.head("conv_l2_out")(conv_l2_d9))
+        conv_l2_d3 = cat(mb("conv_l2_d3", 5, 64, IN)(conv_l2_d2), conv_l2_d1)
+        conv_l2_d4 = mb("conv_l2_d4", 7, 64, IN)(conv_l2_d3) + conv_l2_d3
+        conv_l2_d5 = mb("conv_l2_d5", 7, 64, IN)(conv_l2_d4) + conv_l2_d4
+        conv_l2_d6 = mb("conv_l2_d6", 7, 64, IN)(conv_l2_d5) + conv_l2_d5
+        conv_l2_d7 = cat(mb("conv_l2_d7", 7, 64, IN)(conv_l2_d6), conv_l2_d1)
+        conv_l2_d8 = cat(mb("conv_l2_d8", 5, 64, IN)(conv_l2_d7), conv_t2b)
+        conv_l2_d9 = mb("conv_l2_d9", 3, 64, IN)(conv_l2_d8)
+        conv_t1a = up("conv_t1a", 32)(conv_l2_d9)
+        conv_t1b = up("conv_t1b", 32)(conv_l2_d9)
+        outputs.insert(0, head("conv_l2_out")(conv_l2_d9))
 
     # level 1: the packed resolution; no instance norm at all with the reference's flags
     if level <= 1:
         conv_l1_d2 = cat(conv_l1_d1, conv_t1a)
-        conv_l1_d3 = cat(b.mb("conv_l1_d3", 5, 32, False)(conv_l1_d2), conv_l1_d1)
-        conv_l1_d4 = b.mb("conv_l1_d4", 7, 32, False)(conv_l1_d3)
-        conv_l1_d5 = b.mb("conv_l1_d5", 9, 32, IN1)(conv_l1_d4)
-        conv_l1_d6 = b.mb("conv_l1_d6", 9, 32, IN1)(conv_l1_d5) + conv_l1_d5
-        conv_l1_d7 = b.mb("conv_l1_d7", 9, 32, IN1)(conv_l1_d6) + conv_l1_d6
-        conv_l1_d8 = b.mb("conv_l1_d8", 9, 32, IN1)(conv_l1_d7) + conv_l1_d7
-        conv_l1_d9 = cat(b.mb("conv_l1_d9", 7, 32, False)(conv_l1_d8), conv_l1_d1)
-        conv_l1_d10 = cat(b.mb("conv_l1_d10", 5, 32, False)(conv_l1_d9), conv_t1b)
+        conv_l1_d3 = cat(mb("conv_l1_d3", 5, 32, False)(conv_l1_d2), conv_l1_d1)
+        conv_l1_d4 = mb("conv_l1_d4", 7, 32, False)(conv_l1_d3)
+        conv_l1_d5 = mb("conv_l1_d5", 9, 32, IN1)(conv_l1_d4)
+        conv_l1_d6 = mb("conv_l1_d6", 9, 32, IN1)(conv_l1_d5) + conv_l1_d5
+        conv_l1_d7 = mb("conv_l1_d7", 9, 32, IN1)(conv_l1_d6) + conv_l1_d6
+        conv_l1_d8 = mb("conv_l1_d8", 9, 32, IN1)(conv_l1_d7) + conv_l1_d7
+        conv_l1_d9 = cat(mb("conv_l1_d9", 7, 32, False)(conv_l1_d8), conv_l1_d1)
+        conv_l1_d10 = cat(mb("conv_l1_d10", 5, 32, False)(conv_l1_d9), conv_t1b)
         conv_l1_d11 = cat(conv_l1_d10, conv_l1_d1)
-        conv_l1_d12 = b.mb("conv_l1_d12", 3, 32, False)(conv_l1_d11)
-        outputs.insert(0, b.head("conv_l1_out")(conv_l1_d12))
+        conv_l1_d12 = mb("conv_l1_d12", 3, 32, False)(conv_l1_d11)
+        outputs.insert(0, head("conv_l1_out")(conv_l1_d12))
 
     # level 0: x2 upsampling to the mosaic's resolution
     if level == 0:
-        conv_l0 = b.up("conv_l0", 8)(conv_l1_d12)
-        outputs.insert(0, b.head("conv_l0_out")(conv_l0))
+        conv_l0 = up("conv_l0", 8)(conv_l1_d12)
+        outputs.insert(0, head("conv_l0_out")(conv_l0))
 
-    model = keras.Model(raw, outputs, name=name)
-    model.tf1_order = tuple(b.order)
-    return model
+    return keras.Model(raw, outputs, name=name)
 
 
 def as_list(outputs):
@@ -311,10 +300,9 @@ def level_model(model, level):
 def copy_weights(source, target):
     """Copy every weight layer of ``target`` from the same-named layer of ``source``
     (e.g. between a level-N build and the full model)."""
-    present = {layer.name for layer in target.layers}
-    for name, _ in target.tf1_order:
-        if name in present:
-            target.get_layer(name).set_weights(source.get_layer(name).get_weights())
+    for layer in target.layers:
+        if layer.weights:
+            layer.set_weights(source.get_layer(layer.name).get_weights())
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,12 +315,45 @@ def tf1_key(index: int) -> str:
 _ROLES = {"kernel": "W", "bias": "b", "shift": "IN shift", "scale": "IN scale"}
 
 
+def _creation_rank(name: str) -> tuple:
+    """Where the reference creates layer ``name``: the encoder's first blocks (conv_l1_d1 to
+    conv_l5_d1), then level by level from 5 to 0 its other blocks, its two upsampling layers
+    (conv_t{L-1}a and b) and its head (conv_l{L}_out); level 0's block is conv_l0."""
+    block = re.fullmatch(r"conv_l(\d)_d(\d+)", name)
+    if block:
+        level, index = int(block[1]), int(block[2])
+        return (0, level, 0) if index == 1 else (1, -level, index)
+    upsampling = re.fullmatch(r"conv_t(\d)([ab])", name)
+    if upsampling:
+        return (1, -(int(upsampling[1]) + 1), 1000 + "ab".index(upsampling[2]))
+    output = re.fullmatch(r"conv_l(\d)_out", name)
+    if output:
+        return (1, -int(output[1]), 2000)
+    if name == "conv_l0":
+        return (1, 0, 0)
+    raise ValueError(f"{name}: not a PyNET layer name")
+
+
+def tf1_order(model) -> list:
+    """[(layer name, number of variables)] of a PyNET build in the reference's creation order,
+    which numbers the checkpoint keys. A build for level L from 2 to 5 also creates the two
+    upsampling layers toward level L - 1 (the reference makes them before its head); Keras
+    leaves them out of the model as nothing uses them, but their one variable each keeps the
+    numbering of what follows."""
+    order = [(layer.name, layer.tf1_variable_count()) for layer in model.layers
+             if isinstance(layer, (MultiConvBlock, UpConv, ConvLayer))]
+    lowest = built_level(model)
+    if lowest >= 2:
+        order += [(f"conv_t{lowest - 1}{side}", 1) for side in "ab"]  # an UpConv: its kernel
+    return sorted(order, key=lambda entry: _creation_rank(entry[0]))
+
+
 def tf1_variables(model):
     """[(checkpoint key, variable, description)] for every variable of ``model`` in the
     reference's creation order. A level-N build holds a prefix of the full list."""
     present = {layer.name for layer in model.layers}
     entries, index = [], 0
-    for name, count in model.tf1_order:
+    for name, count in tf1_order(model):
         if name not in present:  # an unused upsampling layer of a partial build
             index += count
             continue
