@@ -18,16 +18,17 @@ _VIEWS = {}
 _SHAPES_KEPT = 4  # compiled input sizes kept per model and level
 
 
-def level_function(model, level: int):
+def level_function(model, level: int, xla: bool = False):
     """``level``'s output of ``model`` (a PyNET build for ``level`` or lower, or a view) as a
     function of a batch of packed frames, compiled once per input size and kept, so that the
     next photo or batch of that size reuses it: what test_model.py and evaluate_accuracy.py
-    run. A graph of fixed shapes (measured ~4% faster than one of any size on a 224x224
+    run, and training's visual results (``xla``: compiled with XLA, as train_model.py's
+    xla=true). A graph of fixed shapes (measured ~4% faster than one of any size on a 224x224
     frame); a plain tf.function rather than Keras' predict_on_batch, a few percent slower,
     and a graph keeps fewer maps alive than running the layers eagerly."""
     import keras
 
-    key = (id(model), level)
+    key = (id(model), level, xla)
     if key not in _VIEWS or _VIEWS[key][0] is not model:
         view = keras.Model(model.inputs, level_output(model, level), name=f"{model.name}_level_{level}")
         _VIEWS[key] = (model, view, {})
@@ -39,7 +40,7 @@ def level_function(model, level: int):
         if shape not in compiled:
             if len(compiled) >= _SHAPES_KEPT:
                 compiled.pop(next(iter(compiled)))
-            function = tf.function(lambda x: view(x, training=False))  # one per size: no retracing
+            function = tf.function(lambda x: view(x, training=False), jit_compile=xla or None)  # one per size
             compiled[shape] = function.get_concrete_function(tf.TensorSpec(shape, tf.float32))
         return compiled[shape](frames)
 

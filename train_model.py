@@ -371,12 +371,8 @@ class Steps:
                 out["ms_ssim"] = ms
             return out
 
-        @compiled
-        def predict(raw):
-            return tf.cast(view(raw, training=False), tf.float32)
-
         self._step, self._accumulate, self._apply = step, accumulate, apply
-        self.evaluate, self.predict = evaluate, predict
+        self.evaluate = evaluate
 
     def train_step(self, next_input):
         """One optimizer step; ``next_input()`` returns the next (distributed) micro-batch.
@@ -573,8 +569,10 @@ class Trainer:
     def save_visuals(self, i, crops, writer):
         import tensorflow as tf
 
+        from render import level_function
+
         raw, targets = crops
-        predictions = self.steps.predict(raw).numpy()
+        predictions = level_function(self.model, self.level, xla=self.args["xla"])(raw).numpy().astype(np.float32)
         images = visual_images(predictions, targets, self.args["visual_stretch"])
         for idx, image in enumerate(images):
             utils.write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
