@@ -30,6 +30,7 @@ import numpy as np
 
 import checkpoints
 import cluster as cluster_module
+import load_dataset
 import utils
 from utils import Arg, UsageError, UserError
 
@@ -194,8 +195,6 @@ def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indi
     into accum_steps micro-batches; ``shard=(i, n)`` keeps input pipeline i's share of each
     micro-batch, before any file is read, in batches of ``replica_batch`` (default: the share).
     Returns (dataset, error log)."""
-    import load_dataset
-
     return load_dataset.train_dataset(
         args["dataset_dir"], args["level"], args["batch_size"], train_size=args["train_size"],
         whole=args["whole_dataset"], patch=args["patch_size"], seed=args["seed"], skip_bad=args["skip_bad"],
@@ -206,8 +205,6 @@ def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indi
 def test_data(args):
     """The test split (checked file by file) in batches of eval_batch_size, its error log and
     the indices of its usable patches."""
-    import load_dataset
-
     indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], deep=True)
     ds, log = load_dataset.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
                                         patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
@@ -218,8 +215,6 @@ def test_data(args):
 def visual_crops(args, test_indices):
     """The fixed test crops shown at every evaluation: NUM_VISUAL random test patches (with
     replacement, as the reference's randint), centre-cropped like the test split."""
-    import load_dataset
-
     rs = np.random.RandomState(args["seed"])
     chosen = [test_indices[j] for j in rs.randint(0, len(test_indices), NUM_VISUAL)]
     patch, level = args["patch_size"], args["level"]
@@ -232,8 +227,6 @@ def visual_crops(args, test_indices):
 
 def next_batch(iterator, log):
     """Next element of a pipeline; a bad file that ended it becomes its one-line DataError."""
-    import load_dataset
-
     try:
         return next(iterator)
     except StopIteration:
@@ -495,7 +488,6 @@ class Trainer:
 
     def prepare(self):
         """The cheap checks, in order: output folders, the VGG file, the start point, the data."""
-        import load_dataset
         import losses
         import vgg
 
@@ -553,15 +545,11 @@ class Trainer:
 
     def evaluate(self, test_ds, test_log):
         sums, count = {}, 0
-        for raw, target in test_ds:
+        for raw, target in load_dataset.batches(test_ds, test_log):
             values = self.steps.evaluate(raw, target)
             for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
             count += 1
-        if test_log is not None and test_log.first is not None and not test_log.skip_bad:
-            import load_dataset
-
-            raise load_dataset.DataError(test_log.first)
         if count == 0:
             raise UserError("the evaluation found no complete test batch")
         return {key: value / count for key, value in sums.items()}
@@ -771,8 +759,6 @@ def main(argv):
     print("parameters:")
     utils.print_args({a.name: args[a.name] for a in SPEC})
     utils.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
-    import load_dataset
-
     print(load_dataset.describe_dataset(args["dataset_dir"]))
     strategy = make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
     configure(args)
