@@ -1,12 +1,15 @@
 """Shared fixtures. Building the full 47.5M-parameter PyNET takes ~10 s here, so one
-instance serves every test of a session; tests that change its weights restore them."""
+instance serves every test of a session; a test that changes its weights takes it as
+``model``, which puts them back."""
 
 import os
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
+# the one place the repository's modules are put on the path (a subprocess gets PYTHONPATH)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -26,11 +29,34 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def full_model():
-    """The full PyNET (all levels), as every script builds it. Do not leave its weights changed."""
+def pynet_as_built():
+    """The session's full PyNET and a copy of its weights as built."""
     from model import PyNET
 
-    return PyNET()
+    model = PyNET()
+    return model, [v.numpy() for v in model.weights]
+
+
+@pytest.fixture(scope="session")
+def full_model(pynet_as_built):
+    """The full PyNET (all levels), as every script builds it. Do not leave its weights changed."""
+    return pynet_as_built[0]
+
+
+@pytest.fixture(scope="session")
+def built_weights(pynet_as_built):
+    """The full PyNET's weights as built (model.set_weights takes them)."""
+    return pynet_as_built[1]
+
+
+@pytest.fixture
+def model(pynet_as_built):
+    """The shared full PyNET at its weights as built, for a test that trains it or changes
+    them: they are put back afterwards."""
+    model, built = pynet_as_built
+    model.set_weights(built)
+    yield model
+    model.set_weights(built)
 
 
 @pytest.fixture(scope="session")
@@ -43,20 +69,6 @@ def reference_variables():
             key, shape, layer, role, _ = line.rstrip("\n").split("\t")
             rows.append((key, [int(d) for d in shape.strip("[]").split(",")], layer, role))
     return rows
-
-
-def write_tf1_checkpoint(prefix, arrays):
-    """Write ``{key: ndarray}`` with TF1's own Saver in a TF1 graph, as the reference did."""
-    import tensorflow as tf
-
-    graph = tf.Graph()
-    with graph.as_default():
-        variables = {key: tf.compat.v1.Variable(value, name=key.replace("/", "_")) for key, value in arrays.items()}
-        saver = tf.compat.v1.train.Saver(var_list=variables)
-        with tf.compat.v1.Session(graph=graph) as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            saver.save(session, prefix, write_meta_graph=False, write_state=False)
-    return prefix
 
 
 # ---------------------------------------------------------------------------------------

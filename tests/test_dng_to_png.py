@@ -12,61 +12,10 @@ import numpy as np
 import png  # pypng
 import pytest
 import rawpy
-from pidng.core import RAW2DNG, DNGTags, Tag
-from pidng.defs import CalibrationIlluminant, DNGVersion, Orientation, PhotometricInterpretation
 
 import dng_to_png
 import utils
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFA_CODES = {"R": 0, "G": 1, "B": 2}
-
-
-def write_dng(path, mosaic, pattern="RGGB", bits=10, black=64, white=None, active=None, cfa=None, dims=(2, 2),
-              linear=False):
-    """An uncompressed DNG (LibRaw, like dcraw, ignores images under 22 pixels a side).
-
-    pidng packs 10-bit samples when the width is a multiple of 4 and 12-bit ones when it is even;
-    its 14-bit packer is broken, so 14-bit (and odd-width) data is stored in 16-bit samples, the
-    bit depth being given by WhiteLevel, as many cameras do."""
-    mosaic = np.asarray(mosaic, dtype=np.uint16)
-    height, width = mosaic.shape[:2]
-    packable = (bits == 10 and width % 4 == 0) or (bits == 12 and width % 2 == 0)
-    tags = DNGTags()
-    tags.set(Tag.ImageWidth, width)
-    tags.set(Tag.ImageLength, height)
-    tags.set(Tag.TileWidth, width)
-    tags.set(Tag.TileLength, height)
-    tags.set(Tag.Orientation, Orientation.Horizontal)
-    tags.set(Tag.BitsPerSample, bits if packable and not linear else 16)
-    if linear:
-        tags.set(Tag.PhotometricInterpretation, PhotometricInterpretation.Linear_Raw)
-        tags.set(Tag.SamplesPerPixel, 3)
-    else:
-        tags.set(Tag.PhotometricInterpretation, PhotometricInterpretation.Color_Filter_Array)
-        tags.set(Tag.SamplesPerPixel, 1)
-        tags.set(Tag.CFARepeatPatternDim, list(dims))
-        tags.set(Tag.CFAPattern, cfa if cfa is not None else [CFA_CODES[c] for c in pattern])
-    if isinstance(black, (list, tuple)):
-        tags.set(Tag.BlackLevelRepeatDim, [2, 2])
-    tags.set(Tag.BlackLevel, black)
-    tags.set(Tag.WhiteLevel, white if white is not None else (1 << bits) - 1)
-    tags.set(Tag.ColorMatrix1, [[1, 1], [0, 1], [0, 1], [0, 1], [1, 1], [0, 1], [0, 1], [0, 1], [1, 1]])
-    tags.set(Tag.CalibrationIlluminant1, CalibrationIlluminant.D65)
-    tags.set(Tag.AsShotNeutral, [[1, 1], [1, 1], [1, 1]])
-    tags.set(Tag.Make, "Test")
-    tags.set(Tag.Model, "Synthetic")
-    tags.set(Tag.DNGVersion, DNGVersion.V1_4)
-    tags.set(Tag.DNGBackwardVersion, DNGVersion.V1_2)
-    if active:
-        tags.set(Tag.ActiveArea, list(active))
-    writer = RAW2DNG()
-    writer.options(tags, path="", compress=False)
-    folder, name = os.path.split(str(path))
-    data = writer.convert(mosaic, filename="")
-    with open(os.path.join(folder, name), "wb") as handle:
-        handle.write(data)
-    return str(path)
+from helpers import ROOT, write_dng
 
 
 def read_png(path):

@@ -12,7 +12,7 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import evaluate_accuracy as ev
-from conftest import ROOT
+from helpers import ROOT
 from load_dataset import extract_bayer_channels, load_target
 from utils import to_uint
 

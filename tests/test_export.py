@@ -16,11 +16,10 @@ from PIL import Image
 import export_model
 import test_model
 import utils
-from conftest import ROOT
+from helpers import ROOT, assign_sane_weights
 from load_dataset import extract_bayer_channels
 from model import load_checkpoint, save_checkpoint
 from render import pad_to_multiple
-from test_render import assign_sane_weights
 from utils import UsageError, UserError
 
 ITERATION = 1000

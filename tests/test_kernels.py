@@ -14,9 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
-
 import utils
+from helpers import ROOT
 
 AVX512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
 AVX2 = {"avx2", "fma", "sse4_2"}

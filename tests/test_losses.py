@@ -1,19 +1,13 @@
 """losses.py against hand computations in NumPy (and scikit-image for SSIM)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tensorflow as tf
 from skimage.metrics import structural_similarity
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import losses  # noqa: E402
-import vgg as vgg_module  # noqa: E402
-from test_vgg import np_vgg_relu5_4, random_vgg_weights  # noqa: E402
+import losses
+import vgg as vgg_module
+from helpers import np_vgg_relu5_4, random_vgg_weights
 
 
 def pair(shape, seed, noise=0.1):

@@ -14,17 +14,14 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import checkpoints  # noqa: E402
-import train_model  # noqa: E402
-import utils  # noqa: E402
+import checkpoints
+import train_model
+import utils
+from helpers import ROOT
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 ENV.pop("TF_CONFIG", None)
@@ -296,7 +293,7 @@ def copy_tree(source, target):
 
 
 @pytest.mark.slow
-def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, full_model, capsys):
+def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, model, capsys):
     import tensorflow as tf
 
     import evaluate_accuracy
@@ -304,15 +301,11 @@ def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, full_m
 
     root = f"ram://pynet-{os.getpid()}"
     copy_tree(sample_dataset, f"{root}/data")
-    initial = [np.array(w) for w in full_model.get_weights()]
-    try:
-        args = train_model.parse_arguments([f"dataset_dir={root}/data", "level=5", "patch_size=32", "batch_size=2",
-                                            "num_train_iters=2", "eval_step=2", f"models_dir={root}/models",
-                                            f"results_dir={root}/results", "progress=false"])
-        last = train_model.Trainer(args, model=full_model, out=lambda *a: None).run()
-        trained = [np.array(w) for w in full_model.get_weights()]
-    finally:
-        full_model.set_weights(initial)
+    args = train_model.parse_arguments([f"dataset_dir={root}/data", "level=5", "patch_size=32", "batch_size=2",
+                                        "num_train_iters=2", "eval_step=2", f"models_dir={root}/models",
+                                        f"results_dir={root}/results", "progress=false"])
+    last = train_model.Trainer(args, model=model, out=lambda *a: None).run()
+    trained = [np.array(w) for w in model.get_weights()]
     assert last == f"{root}/models/pynet_level_5_iteration_2.ckpt"
     models = sorted(tf.io.gfile.listdir(f"{root}/models"))
     assert {"logs.txt", "pynet_level_5_iteration_2.ckpt.index", "pynet_level_5_iteration_0.ckpt.index",
@@ -324,8 +317,8 @@ def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, full_m
     reader = tf.compat.v1.train.NewCheckpointReader(last)
     from model import tf1_variables
 
-    key, variable, _ = next(e for e in tf1_variables(full_model) if e[1].trainable and "conv_l5" in e[1].path)
-    index = [v.path for v in full_model.weights].index(variable.path)
+    key, variable, _ = next(e for e in tf1_variables(model) if e[1].trainable and "conv_l5" in e[1].path)
+    index = [v.path for v in model.weights].index(variable.path)
     np.testing.assert_array_equal(reader.get_tensor(key), trained[index])
 
     capsys.readouterr()

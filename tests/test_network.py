@@ -5,21 +5,12 @@ import pytest
 import tensorflow as tf
 from scipy import signal
 
-from conftest import write_tf1_checkpoint
+from helpers import write_tf1_checkpoint
 from model import (PARAMETER_COUNT, ConvLayer, as_list, MultiConvBlock, OutputHead, PyNET, UpConv, copy_weights,
                    level_model, load_checkpoint, save_checkpoint, tf1_variables)
 from utils import UserError
 
 ROLE_OF = {"W": "W", "b": "b", "IN shift": "IN_shift(beta)", "IN scale": "IN_scale(gamma)"}
-
-
-@pytest.fixture
-def restore_weights(full_model):
-    """Give a test the shared model and put its weights back afterwards."""
-    saved = [v.numpy() for v in full_model.weights]
-    yield full_model
-    for var, value in zip(full_model.weights, saved):
-        var.assign(value)
 
 
 def test_parameter_count(full_model):
@@ -74,8 +65,8 @@ def test_level_view_trains_what_the_reference_trains(full_model, level):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("level", [5, 2])
-def test_partial_build_equals_the_full_model(restore_weights, level):
-    full = restore_weights
+def test_partial_build_equals_the_full_model(model, level):
+    full = model
     rng = np.random.default_rng(level)
     for var in full.weights:
         var.assign(rng.normal(0, 0.05, var.shape).astype(np.float32))
@@ -193,12 +184,12 @@ def random_reference_arrays(reference_variables, seed=0):
 
 
 @pytest.mark.slow
-def test_tf1_checkpoint_loads_by_position(restore_weights, reference_variables, tmp_path):
+def test_tf1_checkpoint_loads_by_position(model, reference_variables, tmp_path):
     arrays = random_reference_arrays(reference_variables)
     prefix = write_tf1_checkpoint(str(tmp_path / "pynet_level_0.ckpt"), arrays)
-    load_checkpoint(restore_weights, prefix)
+    load_checkpoint(model, prefix)
     by_name = {}
-    for layer in restore_weights.layers:
+    for layer in model.layers:
         for var in layer.weights:
             by_name[var.path] = var.numpy()
     for key, shape, layer, role in reference_variables:
@@ -230,8 +221,7 @@ def test_checkpoint_errors_name_key_layer_and_shapes(full_model, reference_varia
 
 
 @pytest.mark.slow
-def test_own_checkpoint_round_trips_and_tf1_reads_it(restore_weights, tmp_path):
-    model = restore_weights
+def test_own_checkpoint_round_trips_and_tf1_reads_it(model, tmp_path):
     rng = np.random.default_rng(5)
     for var in model.weights:
         var.assign(rng.normal(0, 0.02, var.shape).astype(np.float32))

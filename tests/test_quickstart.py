@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
+from helpers import ROOT
 
 PSNR_LINE = re.compile(r"^  PSNR on the sample's test split at level 0: PyNET ([0-9.]+) dB, "
                        r"classical baseline ISP ([0-9.]+) dB$", re.M)

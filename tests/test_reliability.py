@@ -25,6 +25,7 @@ import make_sample_dataset
 import test_model
 import train_model
 import utils
+from helpers import write_dng
 
 DATA = ".data-00000-of-00001"
 
@@ -107,15 +108,6 @@ def write_nan_checkpoint(source_prefix, prefix):
     return prefix
 
 
-@pytest.fixture
-def model(full_model):
-    """The shared full model; its weights are put back after the test."""
-    saved = [v.numpy() for v in full_model.weights]
-    yield full_model
-    for var, value in zip(full_model.weights, saved):
-        var.assign(value)
-
-
 def train_args(data, tmp, **overrides):
     values = dict(level=5, dataset_dir=data, patch_size=32, batch_size=2, models_dir=tmp / "models",
                   results_dir=tmp / "results", progress="false", tensorboard="false", eval_batch_size=1)
@@ -171,8 +163,6 @@ def fill(folder):
 # test_model.py
 
 def x_trans_dng(path):
-    from test_dng_to_png import write_dng
-
     cfa = [1, 1, 0, 1, 1, 2, 1, 1, 2, 1, 1, 0, 2, 0, 1, 0, 2, 1, 1, 1, 2, 1, 1, 0, 1, 1, 0, 1, 1, 2,
            0, 2, 1, 2, 0, 1]
     return write_dng(path, np.zeros((48, 48), np.uint16), cfa=cfa, dims=(6, 6))
@@ -428,8 +418,6 @@ def test_evaluate_refuses(name, trained, sample_dataset, tmp_path, capsys):
 # dng_to_png.py and make_sample_dataset.py
 
 def test_dng_to_png_refuses_and_ignores_temporaries(tmp_path, capsys):
-    from test_dng_to_png import write_dng
-
     folder = tmp_path / "shots"
     folder.mkdir()
     write_dng(folder / f".a.tmp{dead_pid()}.dng", np.zeros((32, 32), np.uint16))
@@ -445,8 +433,6 @@ def test_dng_to_png_refuses_and_ignores_temporaries(tmp_path, capsys):
 
 
 def test_dng_to_png_on_a_full_disk_is_one_line_and_leaves_nothing(tmpfs, tmp_path, capsys):
-    from test_dng_to_png import write_dng
-
     good = write_dng(tmp_path / "a.dng", np.random.default_rng(0).integers(0, 1024, (256, 256)))
     fill(tmpfs)
     before = snapshot(tmpfs)

@@ -10,37 +10,17 @@ from PIL import Image
 
 import checkpoints
 import test_model
-from conftest import ROOT
+from helpers import ROOT, assign_sane_weights
 from load_dataset import extract_bayer_channels
 from model import PyNET, level_model, load_checkpoint, save_checkpoint
 from render import pad_to_multiple, render_in_strips
 from utils import UserError
 
 
-def assign_sane_weights(model, rng):
-    """Random weights scaled by fan-in, so activations stay of order 1 through the 150 layers:
-    float32 rounding then stays near 1e-6 and a real difference between two ways of computing
-    the same output shows. (The reference's 0.01 init gives a nearly constant output.)"""
-    for var in model.weights:
-        shape = var.shape
-        if len(shape) == 4:
-            is_up = var.path.split("/")[0].startswith(("conv_t", "conv_l0")) and not var.path.startswith("conv_l0_out")
-            fan_in = 9 * shape[3] / 4 if is_up else shape[0] * shape[1] * shape[2]
-            value = rng.normal(0, 1 / np.sqrt(fan_in), shape)
-        elif var.path.endswith("scale"):
-            value = rng.normal(1.0, 0.2, shape)
-        else:
-            value = rng.normal(0, 0.2, shape)
-        var.assign(value.astype(np.float32))
-
-
 @pytest.fixture
-def sane_model(full_model):
-    saved = [v.numpy() for v in full_model.weights]
-    assign_sane_weights(full_model, np.random.default_rng(10))
-    yield full_model
-    for var, value in zip(full_model.weights, saved):
-        var.assign(value)
+def sane_model(model):
+    assign_sane_weights(model, np.random.default_rng(10))
+    return model
 
 
 def mosaic(rng, height, width):

@@ -18,34 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import checkpoints  # noqa: E402
-import train_model  # noqa: E402
-import utils  # noqa: E402
-from test_vgg import random_vgg_weights, write_matconvnet_vgg  # noqa: E402
+import checkpoints
+import train_model
+import utils
+from helpers import ROOT, captured_gradient, random_vgg_weights, write_matconvnet_vgg
 
 LOG_LINE = re.compile(r"^step (\d+) \| training: (\S+), test: (\S+) \| content: (\S+), mse: (\S+), psnr: (\S+)"
                       r"(, ms-ssim: (\S+))?$")
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="module")
-def pynet():
-    from model import PyNET
-
-    model = PyNET()
-    return model, [np.array(w) for w in model.get_weights()]
-
-
-@pytest.fixture
-def model(pynet):
-    """The shared full model, back at its initial weights."""
-    m, initial = pynet
-    m.set_weights(initial)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +202,7 @@ def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_
 # resume, interruption, NaN
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_run(model, pynet, sample_dataset, tmp_path):
+def test_resume_equals_uninterrupted_run(model, built_weights, sample_dataset, tmp_path):
     common = dict(num_train_iters=5, eval_step=3, batch_size=2)
     seen = []
     run(make_args(sample_dataset, tmp_path / "straight", **common), model,
@@ -230,7 +210,7 @@ def test_resume_equals_uninterrupted_run(model, pynet, sample_dataset, tmp_path)
     straight = weights_of(model)
 
     # the same run stopped after iteration 1 (as Ctrl-C would), then resumed from a clean model
-    model.set_weights(pynet[1])
+    model.set_weights(built_weights)
     stop = train_model.StopRequest()
     seen_a = []
 
@@ -245,7 +225,7 @@ def test_resume_equals_uninterrupted_run(model, pynet, sample_dataset, tmp_path)
     assert utils.get_last_iter(5, str(models)) == 1
     assert checkpoints.resumable_iterations(str(models), 5) == [0, 1]
 
-    model.set_weights(pynet[1])
+    model.set_weights(built_weights)
     seen_b = []
     trainer, _ = run(make_args(sample_dataset, tmp_path / "split", resume="true", **common), model,
                      on_step=lambda i, loss: seen_b.append(loss))
@@ -334,37 +314,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, sample_dataset
 
 # ---------------------------------------------------------------------------------------
 # gradient accumulation and strategies
-
-def captured_gradient(model, view_level, batches, accum_steps, batch_size, strategy=None, xla=False):
-    """The gradient that train_model.Steps hands to the optimizer for one update made from
-    ``batches`` (its micro-batches), caught by an optimizer that stores it instead of
-    applying it (after Keras' all-reduce over replicas)."""
-    import keras
-    import tensorflow as tf
-
-    from model import level_model
-
-    class Capture(keras.optimizers.Optimizer):
-        def __init__(self):
-            super().__init__(learning_rate=1.0, name="capture")
-
-        def build(self, variables):
-            super().build(variables)
-            self.caught = [self.add_variable_from_reference(v, "caught") for v in variables]
-
-        def update_step(self, gradient, variable, learning_rate):
-            self.assign(self.caught[self._get_variable_index(variable)], gradient)
-
-    strategy = strategy or tf.distribute.get_strategy()
-    view = level_model(model, view_level)
-    with strategy.scope():
-        optimizer = Capture()
-        optimizer.build(view.trainable_variables)
-    steps = train_model.Steps(strategy, view, optimizer, view_level, None, batch_size, accum_steps, False, xla)
-    feed = iter(batches)
-    steps.train_step(lambda: next(feed))
-    return {v.path: np.array(c.numpy()) for v, c in zip(view.trainable_variables, optimizer.caught)}
-
 
 def followed_by_instance_norm(model, path):
     """A conv bias right before instance norm: its gradient is zero in exact arithmetic, so in
@@ -471,14 +420,14 @@ def test_adam_is_the_reference_adam():
 
 
 @pytest.mark.slow
-def test_accumulation_run_matches_big_batch_run(model, pynet, sample_dataset, tmp_path):
+def test_accumulation_run_matches_big_batch_run(model, built_weights, sample_dataset, tmp_path):
     """Whole runs with Adam: batch_size=4 in 2 micro-batches of 2 sees the same samples and
     gives the same losses as batch_size=4 at once."""
     seen_big, seen_acc = [], []
     run(make_args(sample_dataset, tmp_path / "big", batch_size=4, eval_batch_size=2, num_train_iters=1, eval_step=5),
         model,
         on_step=lambda i, loss: seen_big.append(loss))
-    model.set_weights(pynet[1])
+    model.set_weights(built_weights)
     trainer, _ = run(make_args(sample_dataset, tmp_path / "acc", batch_size=4, accum_steps=2, num_train_iters=1,
                                eval_step=5), model, on_step=lambda i, loss: seen_acc.append(loss))
     assert trainer.args["eval_batch_size"] == 2
@@ -492,10 +441,10 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
-sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[2])  # the tests' folder, for helpers
 import load_dataset, train_model
 from model import PyNET
-from test_train_model import captured_gradient
+from helpers import captured_gradient
 
 data, out = sys.argv[1], sys.argv[3]
 pairs = [load_dataset.load_pair(data, "train", i, 5, 32, k=i % 4, flip=i % 2, offset=(32, 64)) for i in range(4)]

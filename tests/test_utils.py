@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import utils
-from conftest import ROOT
+from helpers import ROOT
 from utils import Arg, UsageError
 
 SPEC = [

@@ -1,107 +1,12 @@
 """vgg.py: the MatConvNet and Keras weight files, and the features against NumPy."""
 
-import os
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.io
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import vgg  # noqa: E402
-from utils import UserError  # noqa: E402
-
-# The 36 layers up to relu5_4 and the (in, out) channels of VGG-19's convolutions, written
-# out here rather than taken from vgg.py.
-BLOCKS = ((2, 3, 64), (2, 64, 128), (4, 128, 256), (4, 256, 512), (4, 512, 512))
-RGB_MEAN = np.array([123.68, 116.779, 103.939])
-
-
-def vgg19_layout():
-    """[(name, cin, cout) for convs, (name,) for relu/pool] up to relu5_4, then the tail of the
-    real file (pool5, fc6...), which the readers must ignore."""
-    layers = []
-    for block, (convs, cin, cout) in enumerate(BLOCKS, start=1):
-        for c in range(1, convs + 1):
-            layers.append((f"conv{block}_{c}", cin if c == 1 else cout, cout))
-            layers.append((f"relu{block}_{c}",))
-        if block < 5:
-            layers.append((f"pool{block}",))
-    return layers
-
-
-def random_vgg_weights(seed=0):
-    """Kernels (H x W x in x out) and biases with the real shapes, He-scaled so that 16
-    layers neither explode nor vanish."""
-    rng = np.random.default_rng(seed)
-    weights = []
-    for entry in vgg19_layout():
-        if len(entry) == 3:
-            _, cin, cout = entry
-            kernel = rng.normal(0.0, np.sqrt(2.0 / (9 * cin)), (3, 3, cin, cout)).astype(np.float32)
-            bias = rng.normal(0.0, 0.1, cout).astype(np.float32)
-            weights.append((kernel, bias))
-    return weights
-
-
-def write_matconvnet_vgg(path, weights):
-    """A MatConvNet SimpleNN file laid out as imagenet-vgg-verydeep-19.mat: ``layers`` is a
-    1 x 43 cell of structs; a conv struct's first field ``weights`` is a 1 x 2 cell holding the
-    W x H x in x out kernels (MatConvNet order, i.e. H and W swapped) and a 1 x out bias."""
-    layout = vgg19_layout() + [("pool5",), ("fc6",), ("relu6",), ("fc7",), ("relu7",), ("fc8",), ("prob",)]
-    cells = np.empty((1, len(layout)), dtype=object)
-    conv = 0
-    for i, entry in enumerate(layout):
-        name = entry[0]
-        if len(entry) == 3:
-            kernel, bias = weights[conv]
-            conv += 1
-            pair = np.empty((1, 2), dtype=object)
-            pair[0, 0] = np.transpose(kernel, (1, 0, 2, 3))
-            pair[0, 1] = bias.reshape(1, -1)
-            cells[0, i] = {"weights": pair, "pad": np.array([[1.0, 1, 1, 1]]), "type": "conv",
-                           "name": name, "stride": np.array([[1.0, 1]])}
-        elif name.startswith("pool"):
-            cells[0, i] = {"name": name, "stride": np.array([[2.0, 2]]), "pad": np.array([[0.0, 1, 0, 1]]),
-                           "type": "pool", "method": "max", "pool": np.array([[2.0, 2]])}
-        else:
-            cells[0, i] = {"type": "relu" if name.startswith("relu") else "other", "name": name}
-    scipy.io.savemat(path, {"layers": cells, "classes": np.zeros((1, 1))})
-
-
-# ---------------------------------------------------------------------------------------
-# an independent NumPy VGG
-
-def np_conv_same(x, kernel, bias):
-    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(1, 2))  # n,h,w,c,3,3
-    return np.einsum("nhwcij,ijco->nhwo", windows, kernel.astype(np.float64), optimize=True) + bias
-
-
-def np_maxpool_same(x):
-    n, h, w, c = x.shape
-    x = np.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-np.inf)
-    return x.reshape(n, x.shape[1] // 2, 2, x.shape[2] // 2, 2, c).max(axis=(2, 4))
-
-
-def np_vgg_relu5_4(images01, weights, bgr=False):
-    x = images01.astype(np.float64) * 255.0 - RGB_MEAN
-    if bgr:
-        x = x[..., ::-1]
-    conv = 0
-    for entry in vgg19_layout():
-        name = entry[0]
-        if name.startswith("conv"):
-            x = np_conv_same(x, *weights[conv])
-            conv += 1
-        elif name.startswith("relu"):
-            x = np.maximum(x, 0.0)
-        else:
-            x = np_maxpool_same(x)
-    return x
-
+import vgg
+from helpers import np_vgg_relu5_4, random_vgg_weights, write_matconvnet_vgg
+from utils import UserError
 
 # ---------------------------------------------------------------------------------------
 
