@@ -1,6 +1,9 @@
-"""Several workers (TF_CONFIG, MultiWorkerMirroredStrategy): what train_model.py needs beyond
-TensorFlow's own strategy so that a cluster's faults end in one line instead of a hang.
+"""The tf.distribute strategy of a training run, and several workers (TF_CONFIG,
+MultiWorkerMirroredStrategy): what train_model.py needs beyond TensorFlow's own strategies so
+that a cluster's faults end in one line instead of a hang.
 
+* ``make_strategy(name, devices, cluster_timeout)``: the tf.distribute strategy of train_model.py's
+  ``strategy=`` (one device, mirrored, or multi-worker when TF_CONFIG names several tasks).
 * ``read_tf_config()``: TF_CONFIG validated once (through TensorFlow's TFConfigClusterResolver),
   for every strategy; a bad one is a one-line UserError.
 * ``wait_for_peers(cluster, timeout)``: every other task's port probed with plain sockets, in
@@ -142,6 +145,41 @@ def multi_worker_cluster(strategy):
         return None
     found = read_tf_config()
     return found if found is not None and len(found) > 1 else None
+
+
+# ---------------------------------------------------------------------------------------
+# the strategy
+
+def is_chief() -> bool:
+    """Whether this process writes the logs, results and checkpoints (multi-worker: the chief or
+    worker 0 when there is no chief)."""
+    found = read_tf_config()
+    return found is None or found.is_chief
+
+
+def make_strategy(name: str = "auto", devices: str = "", cluster_timeout: float = 180.0, out=print):
+    """The tf.distribute strategy for ``strategy=``; must run before anything else touches TF.
+    TF_CONFIG is checked whatever the strategy (a bad one is a one-line error), ``devices=``
+    against the devices TensorFlow sees, and with several tasks the others are awaited for
+    at most ``cluster_timeout`` seconds before the strategy (whose own wait has no end) starts."""
+    import tensorflow as tf
+
+    found = read_tf_config()
+    if name == "auto":
+        if found is not None and len(found) > 1:
+            name = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "one"
+    if name == "multi_worker":
+        if found is not None and len(found) > 1:
+            wait_for_peers(found, cluster_timeout, out=out)
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        chosen = check_devices(devices) if devices else None
+        return tf.distribute.MirroredStrategy(devices=chosen)
+    return tf.distribute.get_strategy()  # the default strategy: one device, no distribution
 
 
 # ---------------------------------------------------------------------------------------

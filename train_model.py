@@ -128,44 +128,7 @@ def micro_batch(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# devices and strategies
-
-def tf_config_tasks():
-    """Number of tasks TF_CONFIG declares (0 when unset); a bad TF_CONFIG is a one-line error."""
-    return cluster_module.task_count()
-
-
-def is_chief() -> bool:
-    """Whether this process writes the logs, results and checkpoints (multi-worker: the chief or
-    worker 0 when there is no chief)."""
-    found = cluster_module.read_tf_config()
-    return found is None or found.is_chief
-
-
-def make_strategy(name: str = "auto", devices: str = "", cluster_timeout: float = 180.0, out=print):
-    """The tf.distribute strategy for ``strategy=``; must run before anything else touches TF.
-    TF_CONFIG is checked whatever the strategy (a bad one is a one-line error), ``devices=``
-    against the devices TensorFlow sees, and with several tasks the others are awaited for
-    at most ``cluster_timeout`` seconds before the strategy (whose own wait has no end) starts."""
-    import tensorflow as tf
-
-    found = cluster_module.read_tf_config()
-    if name == "auto":
-        if found is not None and len(found) > 1:
-            name = "multi_worker"
-        elif len(tf.config.list_physical_devices("GPU")) > 1:
-            name = "mirrored"
-        else:
-            name = "one"
-    if name == "multi_worker":
-        if found is not None and len(found) > 1:
-            cluster_module.wait_for_peers(found, cluster_timeout, out=out)
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "mirrored":
-        chosen = cluster_module.check_devices(devices) if devices else None
-        return tf.distribute.MirroredStrategy(devices=chosen)
-    return tf.distribute.get_strategy()  # the default strategy: one device, no distribution
-
+# process-wide settings
 
 def configure(args) -> None:
     """Process-wide settings that must precede building the model."""
@@ -302,7 +265,7 @@ class Steps:
         self.trainable = view.trainable_variables
         self.accumulators = None
         if distributed is None:
-            distributed = strategy.num_replicas_in_sync > 1 or tf_config_tasks() > 1
+            distributed = strategy.num_replicas_in_sync > 1 or cluster_module.task_count() > 1
         if accum_steps > 1:
             with strategy.scope():
                 # one local sum per replica (ON_READ), all-reduced by the optimizer when applied
@@ -452,7 +415,7 @@ class Trainer:
         self.level = args["level"]
         self.strategy = strategy or tf.distribute.get_strategy()
         self.cluster = cluster_module.multi_worker_cluster(self.strategy)
-        self.chief = self.cluster.is_chief if self.cluster is not None else is_chief()
+        self.chief = self.cluster.is_chief if self.cluster is not None else cluster_module.is_chief()
         self.stop = stop or StopRequest()
         self.on_step = on_step
         self.replicas = self.strategy.num_replicas_in_sync
@@ -750,7 +713,7 @@ class Trainer:
 def smallest_batch(args) -> int:
     """The fewest images one call of the network sees in this run (per replica): a micro-batch,
     an evaluation batch or the visual results."""
-    per_worker = micro_batch(args) // max(1, tf_config_tasks())
+    per_worker = micro_batch(args) // max(1, cluster_module.task_count())
     return max(1, min(per_worker, args["eval_batch_size"], NUM_VISUAL))
 
 
@@ -760,7 +723,7 @@ def main(argv):
     utils.print_args({a.name: args[a.name] for a in SPEC})
     utils.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
     print(load_dataset.describe_dataset(args["dataset_dir"]))
-    strategy = make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
+    strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
     configure(args)
     print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
     Trainer(args, strategy).run()

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import checkpoints
+import cluster as cluster_module
 import train_model
 import utils
 from helpers import ROOT
@@ -211,7 +212,7 @@ def test_devices_must_be_ones_tensorflow_sees(capsys, tmp_path):
                                  f"sees here (it sees /cpu:0)"]
     code, err = cli_error(["strategy=mirrored", "devices=/cpu:0,/device:CPU:0"], capsys)
     assert code == 2 and err == ["error: devices=/cpu:0,/device:CPU:0: /device:CPU:0 is given twice"]
-    assert train_model.make_strategy("mirrored", "/cpu:0").num_replicas_in_sync == 1
+    assert cluster_module.make_strategy("mirrored", "/cpu:0").num_replicas_in_sync == 1
 
 
 @pytest.mark.parametrize("strategy", ["multi_worker", "one", "auto"])

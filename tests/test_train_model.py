@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import checkpoints
+import cluster as cluster_module
 import train_model
 import utils
 from helpers import ROOT, captured_gradient, random_vgg_weights, write_matconvnet_vgg
@@ -442,7 +443,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
 sys.path.insert(0, sys.argv[2])  # the tests' folder, for helpers
-import load_dataset, train_model
+import cluster, load_dataset, train_model
 from model import PyNET
 from helpers import captured_gradient
 
@@ -451,7 +452,7 @@ pairs = [load_dataset.load_pair(data, "train", i, 5, 32, k=i % 4, flip=i % 2, of
 raw, target = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 results = {}
 for name in ("one", "mirrored"):
-    strategy = train_model.make_strategy(name, "/cpu:0,/cpu:1" if name == "mirrored" else "")
+    strategy = cluster.make_strategy(name, "/cpu:0,/cpu:1" if name == "mirrored" else "")
     with strategy.scope():
         model = PyNET()
     batches = [(raw, target)]
@@ -623,16 +624,16 @@ def test_log_line_format():
 
 def test_tf_config_chief(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train_model.is_chief() and train_model.tf_config_tasks() == 0
+    assert cluster_module.is_chief() and cluster_module.task_count() == 0
     cluster = {"worker": ["localhost:1", "localhost:2"]}
     monkeypatch.setenv("TF_CONFIG", f'{{"cluster": {cluster!r}, "task": {{"type": "worker", "index": 1}}}}'
                        .replace("'", '"'))
-    assert not train_model.is_chief() and train_model.tf_config_tasks() == 2
+    assert not cluster_module.is_chief() and cluster_module.task_count() == 2
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 0}}')
-    assert train_model.is_chief()
+    assert cluster_module.is_chief()
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, '
                                     '"task": {"type": "worker", "index": 0}}')
-    assert not train_model.is_chief()
+    assert not cluster_module.is_chief()
 
 
 def free_port():
