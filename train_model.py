@@ -523,7 +523,8 @@ class Trainer:
         from render import level_function
 
         raw, targets = crops
-        predictions = level_function(self.model, self.level, xla=self.args["xla"])(raw).numpy().astype(np.float32)
+        predict = level_function(self.model, self.level, xla=self.args["xla"])
+        predictions = predict(raw).numpy().astype(np.float32)  # float16 under mixed precision
         images = visual_images(predictions, targets, self.args["visual_stretch"])
         for idx, image in enumerate(images):
             utils.write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
