@@ -128,7 +128,8 @@ def read_raw_patch(path: str, size=MOSAIC) -> np.ndarray:
     ``size`` x ``size`` (None: any size), values <= 1023."""
     raw = _read(utils.read_mosaic, path)
     if size is not None and raw.shape != (size, size):
-        raise DataError(f"{path}: expected a {size}x{size} mosaic, found {raw.shape[1]}x{raw.shape[0]} (width x height)")
+        raise DataError(f"{path}: expected a {size}x{size} mosaic, "
+                        f"found {raw.shape[1]}x{raw.shape[0]} (width x height)")
     top = int(raw.max()) if raw.size else 0
     if top > MAX_RAW_VALUE:
         raise DataError(f"{path}: expected 10-bit values (<= {MAX_RAW_VALUE}), found a maximum of {top}")
@@ -499,6 +500,32 @@ def train_plan(indices, batch_size, train_size=5000, whole=False, patch=PATCH, l
         batches_in_subset = refresh_every
 
 
+class PlanBatches:
+    """``train_plan``'s stream cut into batches, given by batch number, for a tf.data map.
+
+    Not ``tf.data.Dataset.from_generator``: building its kernel on Python 3.11 makes TensorFlow
+    fix glibc's mmap threshold at 128 KiB for the whole process (ApplyPython311MemoryPatch), so
+    every map, weight reorder and gradient of the training step is then a fresh mmap whose pages
+    fault in again each step: 170,000 page faults per level-3 step instead of 4,400, and steps
+    15-40% slower at levels 3 to 0 (benchmarks/README.md, "Training step"). Numbers asked in
+    order continue the stream; an
+    earlier number (a new iterator) restarts it, so every iterator sees the same stream.
+    """
+
+    def __init__(self, make_plan, batch_size):
+        self.make_plan, self.batch_size = make_plan, batch_size
+        self.plan, self.next_number = None, None
+
+    def batch(self, number):
+        number = int(number)
+        if self.plan is None or number < self.next_number:
+            self.plan, self.next_number = self.make_plan(), 0
+        for _ in range((number - self.next_number) * self.batch_size):  # skipped: drawn, never read
+            next(self.plan)
+        self.next_number = number + 1
+        return np.stack([next(self.plan) for _ in range(self.batch_size)])
+
+
 def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, patch=PATCH, seed=0,
                   skip_bad=False, refresh_every=1000, augment=True, verbose=True, start_batch=0,
                   micro_batches=1, shard=(0, 1), out_batch=None, indices=None):
@@ -539,12 +566,11 @@ def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, 
                  f"of {dataset_dir}: using all {len(indices)}")
         train_size = len(indices)
 
-    def generator():
-        return train_plan(indices, batch_size, train_size, whole, patch, level, seed, refresh_every, augment)
-
-    plans = tf.data.Dataset.from_generator(generator, output_signature=tf.TensorSpec((5,), tf.int64))
-    if start_batch:
-        plans = plans.skip(int(start_batch) * batch_size)
+    stream = PlanBatches(lambda: train_plan(indices, batch_size, train_size, whole, patch, level, seed,
+                                            refresh_every, augment), batch_size)
+    plans = tf.data.Dataset.range(int(start_batch), np.iinfo(np.int64).max).map(
+        lambda number: tf.ensure_shape(tf.numpy_function(stream.batch, [number], tf.int64, stateful=True),
+                                       (batch_size, 5))).unbatch()
     if shards > 1:
         @tf.autograph.experimental.do_not_convert
         def own_part(micro_plan):

@@ -274,6 +274,51 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
     assert ids(1, start_batch=2, count=1) == ids(1)[8:]  # resuming continues the same stream
 
 
+def test_plan_batches_cut_the_plan_by_batch_number():
+    def plan():
+        return ld.train_plan(np.arange(10, 17), batch_size=3, train_size=5, seed=4, refresh_every=2)
+
+    stream = plan()
+    expected = [np.stack([next(stream) for _ in range(3)]) for _ in range(8)]
+    batches = ld.PlanBatches(plan, 3)
+    for number in (0, 1, 2, 5, 6, 1, 7, 0):  # in order, skipping ahead, then back (a new iterator)
+        np.testing.assert_array_equal(batches.batch(number), expected[number])
+
+
+def test_two_iterators_over_one_pipeline_see_the_same_stream(tmp_path):
+    root = uniform_dataset(tmp_path / "u", n_train=8)
+    dataset, _ = ld.train_dataset(root, 5, batch_size=4, train_size=8, seed=3, verbose=False)
+    first = iter(dataset)
+    ids_first = [[index_of(r) for r in next(first)[0].numpy()] for _ in range(3)]
+    ids_second = [[index_of(r) for r in raw.numpy()] for raw, _ in dataset.take(2)]
+    assert ids_second == ids_first[:2]
+
+
+def _dataset_ops(dataset):
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    ops = {node.op for node in graph.node}
+    for function in graph.library.function:
+        ops |= {node.op for node in function.node_def}
+    return ops
+
+
+def test_training_pipeline_has_no_generator_dataset(tmp_path):
+    # Building a GeneratorDataset kernel (tf.data.Dataset.from_generator) on Python 3.11 makes
+    # TensorFlow fix glibc's mmap threshold at 128 KiB for the whole process, which makes every
+    # training step fault its buffers in afresh (benchmarks/README.md, "Training step").
+    import tensorflow as tf
+
+    root = uniform_dataset(tmp_path / "u", n_train=4)
+    dataset, _ = ld.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
+    ops = _dataset_ops(dataset)
+    assert "MapDataset" in ops and "RangeDataset" in ops  # the graph is read, with its functions
+    assert not any("Generator" in op for op in ops), sorted(ops)
+    generator = tf.data.Dataset.from_generator(lambda: iter([1]), output_signature=tf.TensorSpec((), tf.int64))
+    assert any("Generator" in op for op in _dataset_ops(generator))  # what the check would catch
+
+
 def test_train_size_larger_than_the_dataset_is_reduced_with_a_warning(tmp_path, capsys):
     root = uniform_dataset(tmp_path / "u", n_train=8)
     pipeline = ld.train_dataset(root, 5, batch_size=2, train_size=5000)
@@ -293,7 +338,8 @@ def test_test_dataset_is_in_order_finite_and_centre_cropped(tmp_path):
             index = 2 * b + j
             with Image.open(os.path.join(root, "test", "huawei_raw", f"{index}.png")) as image:
                 mosaic = np.asarray(image).astype(np.float32)
-            np.testing.assert_array_equal(raw[j, ..., 2], mosaic[0::2, 0::2][offset:offset + 64, offset:offset + 64] / 1020)
+            red = mosaic[0::2, 0::2][offset:offset + 64, offset:offset + 64]
+            np.testing.assert_array_equal(raw[j, ..., 2], red / 1020)
             with Image.open(os.path.join(root, "test", "canon", f"{index}.jpg")) as image:
                 half = np.asarray(image.resize((224, 224), Image.BICUBIC))  # level 1: factor 1/2
             expected = half[offset:offset + 64, offset:offset + 64].astype(np.float16) / np.float16(255)
@@ -383,7 +429,8 @@ def test_errors_found_while_streaming_name_the_file(tmp_path):
     assert "\n" not in message and "train/huawei_raw/" in message
     assert "1023" in message or "corrupt" in message
     # deep check, as test_dataset does, finds both kinds at once
-    with pytest.raises(ld.DataError, match=r"huawei_raw/0\.png: expected 10-bit values \(<= 1023\), found a maximum of 2000"):
+    message = r"huawei_raw/0\.png: expected 10-bit values \(<= 1023\), found a maximum of 2000"
+    with pytest.raises(ld.DataError, match=message):
         ld.check_dataset(root, "train", deep=True)
     write_png_mosaic(os.path.join(root, "test/huawei_raw/1.png"), np.full((448, 448), 1024))
     with pytest.raises(ld.DataError, match=r"test/huawei_raw/1\.png: expected 10-bit"):
