@@ -208,7 +208,7 @@ def convert(path, output_dir=None, visible=False, rggb=False, normalize=False, c
     write_png16(target, mosaic)
     log(f"{path}: {', '.join(notes)} -> {target} ({mosaic.shape[1]}x{mosaic.shape[0]})")
     if pattern != "RGGB" and not rggb:
-        log(f"  note: PyNET expects RGGB; add rggb=true to start the mosaic with R at (0,0)")
+        log("  note: PyNET expects RGGB; add rggb=true to start the mosaic with R at (0,0)")
     top = int(mosaic.max()) if mosaic.size else 0
     if not normalize and top > PYNET_WHITE:
         log(f"  note: values up to {top} (white level {info['white_level']}) exceed PyNET's 10-bit range; "

@@ -43,7 +43,8 @@ ARGS = [
     Arg("use_gpu", utils.BOOL, True, "run on the GPU when there is one"),
     Arg("models_dir", str, "models/", "folder of the trained checkpoints"),
     Arg("black_level", float, BLACK_LEVEL, "model=baseline: the sensor's black level, in 10-bit code values",
-        check=lambda v: None if 0 <= v < WHITE_LEVEL else f"a value from 0 to below {WHITE_LEVEL} (10-bit code values)"),
+        check=lambda v: None if 0 <= v < WHITE_LEVEL else
+        f"a value from 0 to below {WHITE_LEVEL} (10-bit code values)"),
 ]
 
 METRICS = ("psnr", "ssim", "ms_ssim")
@@ -160,7 +161,7 @@ def summary(scores, image_side=None) -> str:
     """The reference's line "PSNR: %.4g, MS-SSIM: %.4g" and the extra metrics."""
     def fmt(name):
         values = scores.get(name)
-        return "n/a" if values is None else "%.4g" % float(np.mean(values))
+        return "n/a" if values is None else f"{float(np.mean(values)):.4g}"
 
     lines = [f"PSNR: {fmt('psnr')}, MS-SSIM: {fmt('ms_ssim')}",
              f"SSIM: {fmt('ssim')}",
@@ -182,7 +183,7 @@ def write_csv(path: str, names, scores) -> None:
     writer = csv.writer(text)
     writer.writerow(["patch"] + columns)
     for i, name in enumerate(names):
-        writer.writerow([name] + ["" if scores[c] is None else "%.6f" % scores[c][i] for c in columns])
+        writer.writerow([name] + ["" if scores[c] is None else f"{scores[c][i]:.6f}" for c in columns])
     utils.write_file(path, text.getvalue().encode())
 
 

@@ -236,7 +236,8 @@ def marker_text(sources, args, counts) -> str:
         f"white level: {WHITE_LEVEL}, JPEG quality: {args['jpeg_quality']}",
         "",
         "source photographs (each cut in two across its longer side: the first half for train/,",
-        f"the second for test/, including the full-resolution mosaics and their photos in test/{FULL_RES_TARGET_FOLDER}/):",
+        f"the second for test/, including the full-resolution mosaics and their photos in "
+        f"test/{FULL_RES_TARGET_FOLDER}/):",
     ]
     lines += [f"  {name}: {credit}" for name, credit in sources]
     return "\n".join(lines) + "\n"

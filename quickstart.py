@@ -18,8 +18,8 @@ import sys
 import time
 
 import utils
-from utils import patch_size_check as _patch_check
 from utils import Arg
+from utils import patch_size_check as _patch_check
 
 # The quick start's own schedule, not the paper's (README, "The real thing", step 4): a higher
 # learning rate, small crops, and most of the time at level 0, the one the photo and the PSNR

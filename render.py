@@ -13,7 +13,6 @@ from keras import layers
 
 from model import IN_EPSILON, LEAKY_SLOPE, ConvLayer, MultiConvBlock, OutputHead, UpConv, graph_inputs, level_output
 
-
 _VIEWS = {}
 _SHAPES_KEPT = 4  # compiled input sizes kept per model and level
 

@@ -6,12 +6,12 @@
     ...
     python train_model.py level=0 batch_size=10 num_train_iters=100000
 
-Faithful to the reference: the arguments and their defaults, the loss of each level (reference train_model.py, lines 60-92),
-Adam at 5e-5 restarted at every level, the data sampling and augmentation (load_dataset.py),
-num_train_iters + 1 steps, an evaluation over the test split every ``eval_step`` iterations
-(i = 0 included) with the reference's log line appended to models/logs.txt, visual results
-[prediction | target] in results/ and a checkpoint models/pynet_level_{L}_iteration_{I}.ckpt
-holding all 437 variables under the reference's keys.
+Faithful to the reference: the arguments and their defaults, the loss of each level
+(reference train_model.py, lines 60-92), Adam at 5e-5 restarted at every level, the data
+sampling and augmentation (load_dataset.py), num_train_iters + 1 steps, an evaluation over
+the test split every ``eval_step`` iterations (i = 0 included) with the reference's log line
+appended to models/logs.txt, visual results [prediction | target] in results/ and a checkpoint
+models/pynet_level_{L}_iteration_{I}.ckpt holding all 437 variables under the reference's keys.
 
 Added: a progress bar, TensorBoard summaries, ``resume=true`` (optimizer state and iteration
 count), a checkpoint on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,

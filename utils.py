@@ -10,8 +10,9 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 # TensorFlow's C++ start-up notes (CPU features, absl) drown the scripts' own output; errors still show.
 # Every script imports this module before TensorFlow, so the default takes effect; a user's value wins.
@@ -525,8 +526,8 @@ def _check_png_chunks(path: str, data: bytes) -> None:
         length, kind = struct.unpack(">I4s", data[pos: pos + 8])
         end = pos + 12 + length
         if end > len(data):
-            raise UserError(f"{path}: cannot read the PNG (chunk {kind!r} at byte {pos} runs past the end of the file): "
-                            f"the file is truncated")
+            raise UserError(f"{path}: cannot read the PNG (chunk {kind!r} at byte {pos} runs past the end of "
+                            f"the file): the file is truncated")
         (crc,) = struct.unpack(">I", data[end - 4: end])
         if zlib.crc32(data[pos + 4: end - 4]) != crc:
             raise UserError(f"{path}: cannot read the PNG (chunk {kind.decode('latin-1')!r} at byte {pos} fails its "

@@ -171,7 +171,7 @@ def child_peak(args):
         macs = size * size * cin * cout * side * side
         for jit in (False, True):
             conv = tf.function(lambda x, w: tf.nn.conv2d(x, w, 1, "SAME"), jit_compile=jit)
-            _, times = timed(lambda: conv(x, w).numpy(), args["repeats"])
+            _, times = timed(lambda conv=conv, x=x, w=w: conv(x, w).numpy(), args["repeats"])
             results.append({"shape": f"{size}x{size} {cin}->{cout} on {side}x{side}", "xla": jit,
                             "gmac": macs / 1e9, "best_s": min(times), "median_s": sorted(times)[len(times) // 2],
                             "gmac_per_s": macs / min(times) / 1e9})
@@ -470,7 +470,8 @@ def main(argv):
                   f"  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s{share}  peak RSS "
                   f"{r['peak_rss_mib'] / 1024:.2f} GiB   ({description})")
     if "frame" in parts:
-        print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({4 * frame[0] * frame[1] / 1e6:.1f} MP) -> RGB, "
+        megapixels = 4 * frame[0] * frame[1] / 1e6
+        print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({megapixels:.1f} MP) -> RGB, "
               f"level 0, test_model.render:")
         results["frame"] = []
         for r_rows, allocator in [(r, a) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators]:

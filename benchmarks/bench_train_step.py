@@ -232,7 +232,7 @@ def main(argv):
     import make_sample_dataset
     import model as pynet
     import train_model
-    from test_vgg import random_vgg_weights, write_matconvnet_vgg
+    from helpers import random_vgg_weights, write_matconvnet_vgg
 
     train_model.configure({"seed": 0, "deterministic": False, "mixed_precision": False})
     tf.get_logger().setLevel("ERROR")  # one trace per level and variant, by design

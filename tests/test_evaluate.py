@@ -16,7 +16,6 @@ from helpers import ROOT
 from load_dataset import extract_bayer_channels, load_target
 from utils import to_uint
 
-
 # ---------------------------------------------------------------------------------------
 # independent references
 

@@ -6,8 +6,20 @@ import tensorflow as tf
 from scipy import signal
 
 from helpers import write_tf1_checkpoint
-from model import (PARAMETER_COUNT, ConvLayer, as_list, MultiConvBlock, OutputHead, PyNET, UpConv, copy_weights,
-                   level_model, load_checkpoint, save_checkpoint, tf1_variables)
+from model import (
+    PARAMETER_COUNT,
+    ConvLayer,
+    MultiConvBlock,
+    OutputHead,
+    PyNET,
+    UpConv,
+    as_list,
+    copy_weights,
+    level_model,
+    load_checkpoint,
+    save_checkpoint,
+    tf1_variables,
+)
 from utils import UserError
 
 ROLE_OF = {"W": "W", "b": "b", "IN shift": "IN_shift(beta)", "IN scale": "IN_scale(gamma)"}
@@ -180,7 +192,7 @@ def test_output_head_equals_numpy():
 
 def random_reference_arrays(reference_variables, seed=0):
     rng = np.random.default_rng(seed)
-    return {key: rng.normal(0, 0.02, shape).astype(np.float32) for key, shape, _, _ in reference_variables}
+    return {key: rng.normal(0, 0.02, shape).astype(np.float32) for key, shape, *_ in reference_variables}
 
 
 @pytest.mark.slow
@@ -192,7 +204,7 @@ def test_tf1_checkpoint_loads_by_position(model, reference_variables, tmp_path):
     for layer in model.layers:
         for var in layer.weights:
             by_name[var.path] = var.numpy()
-    for key, shape, layer, role in reference_variables:
+    for key, _, layer, role in reference_variables:
         base = layer.replace("(inner)", "")
         leaf = {"W": "kernel", "b": "bias", "IN_shift(beta)": "shift", "IN_scale(gamma)": "scale"}[role.split(" ")[0]]
         path = f"{base}/{leaf}"

@@ -402,16 +402,18 @@ def test_adam_is_the_reference_adam():
     for t, g in enumerate(grads, 1):
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g.astype(np.float64) ** 2
         expected = expected - lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m / (np.sqrt(v) + eps)
-    for mixed in (False, True):
-        optimizer = train_model.build_optimizer({"learning_rate": lr, "mixed_precision": mixed})
-        weights = keras.Variable(start.copy())
-
+    def adam_step(optimizer, weights, mixed):
         @tf.function
         def step(g):
             if mixed:  # the scaled gradient is unscaled before Adam sees it
                 g = g * optimizer.scale_loss(tf.constant(1.0))
             optimizer.apply_gradients([(g, weights)])
+        return step
 
+    for mixed in (False, True):
+        optimizer = train_model.build_optimizer({"learning_rate": lr, "mixed_precision": mixed})
+        weights = keras.Variable(start.copy())
+        step = adam_step(optimizer, weights, mixed)
         for g in grads:
             step(tf.constant(g))
         np.testing.assert_allclose(weights.numpy(), expected, rtol=0, atol=2e-6)
@@ -464,7 +466,8 @@ for name in ("one", "mirrored"):
     # a whole run with Adam through the command-line path (2 steps, global batch 4)
     seen = []
     args = train_model.parse_arguments([f"dataset_dir={data}", "level=5", "patch_size=32", "batch_size=4",
-        "eval_batch_size=2", "num_train_iters=1", "eval_step=5", "progress=false", "tensorboard=false", f"strategy={name}",
+        "eval_batch_size=2", "num_train_iters=1", "eval_step=5", "progress=false", "tensorboard=false",
+        f"strategy={name}",
         f"models_dir={out}/{name}_models", f"results_dir={out}/{name}_results"]
         + (["devices=/cpu:0,/cpu:1"] if name == "mirrored" else []))
     trainer = train_model.Trainer(args, strategy, model=model, on_step=lambda i, loss: seen.append(loss))

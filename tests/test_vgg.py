@@ -48,7 +48,8 @@ def test_weights_read_as_the_reference_reads_them(fake_mat, fake_weights):
 
 @pytest.mark.parametrize("size, expected", [(448, 28), (224, 14), (112, 7), (56, 4), (28, 2), (14, 1)])
 def test_relu5_4_sizes_of_the_reference(size, expected):
-    # Reference train_model.py lines 75-81 (relu5_4 of the level's target): relu5_4 is 28, 14, 7, 4, 2, 1 for targets 448 ... 14.
+    # Reference train_model.py lines 75-81 (relu5_4 of the level's target): relu5_4 is 28, 14, 7, 4, 2, 1
+    # for targets 448 ... 14.
     assert vgg.feature_size(size) == expected
 
 
