@@ -98,8 +98,7 @@ def target_size(level, patch=PATCH) -> int:
 
 def check_patch(patch) -> int:
     """A packed patch side the model accepts: a multiple of 16 between 16 and 224."""
-    if isinstance(patch, bool) or not isinstance(patch, (int, np.integer)) or not 16 <= patch <= PATCH \
-            or patch % 16:
+    if isinstance(patch, bool) or not isinstance(patch, (int, np.integer)) or utils.patch_size_check(patch):
         raise utils.UserError(f"patch={patch}: expected a multiple of 16 between 16 and {PATCH} (packed pixels)")
     return int(patch)
 
@@ -508,8 +507,8 @@ class PlanBatches:
     every map, weight reorder and gradient of the training step is then a fresh mmap whose pages
     fault in again each step: 170,000 page faults per level-3 step instead of 4,400, and steps
     15-40% slower at levels 3 to 0 (benchmarks/README.md, "Training step"). Numbers asked in
-    order continue the stream; an
-    earlier number (a new iterator) restarts it, so every iterator sees the same stream.
+    order continue the stream; an earlier number (a new iterator) restarts it, so every
+    iterator sees the same stream.
     """
 
     def __init__(self, make_plan, batch_size):
