@@ -22,6 +22,12 @@ LEVEL_WEIGHTS = {
     0: (20.0, 1.0, 20.0),
 }
 
+# loss="mse" (train_model.py), not the reference's: the level's MSE term alone, which the quick
+# start trains level 0 with for minutes rather than days. The reference's level-0 loss is
+# dominated by its 1 - SSIM term, which pays little for colour and brightness, and the PSNR
+# the quick start is scored by is the MSE's (README, "Quick start").
+LOSSES = ("reference", "mse")
+
 MS_SSIM_FILTER = 11  # tf.image.ssim_multiscale's default filter size
 MS_SSIM_SCALES = 5
 
@@ -135,7 +141,7 @@ def content_loss(vgg, enhanced, target):
 # ---------------------------------------------------------------------------------------
 # the loss of each level
 
-def level_loss_per_image(level: int, enhanced, target, vgg=None, use_content=True):
+def level_loss_per_image(level: int, enhanced, target, vgg=None, use_content=True, loss="reference"):
     """Loss of each image and its parts, all of shape [B]:
 
     levels 5, 4: 100 * MSE; levels 3, 2: 100 * MSE + content; level 1: 50 * MSE + content;
@@ -143,9 +149,14 @@ def level_loss_per_image(level: int, enhanced, target, vgg=None, use_content=Tru
 
     Returns ``(total, parts)``; ``parts`` has "mse", and "content" / "ssim" where the level's
     loss uses them.  ``vgg`` is needed for levels 3 to 0, unless ``use_content=False`` drops the
-    content term (train_model.py vgg_dir=none, when the VGG-19 file is not available).
+    content term (train_model.py vgg_dir=none, when the VGG-19 file is not available);
+    ``loss="mse"`` keeps the MSE term alone (see LOSSES).
     """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     w_mse, w_content, w_ssim = LEVEL_WEIGHTS[level]
+    if loss == "mse":
+        w_content = w_ssim = 0.0
     if not use_content:
         w_content = 0.0
     parts = {"mse": mse_per_image(enhanced, target)}
@@ -161,8 +172,8 @@ def level_loss_per_image(level: int, enhanced, target, vgg=None, use_content=Tru
     return total, parts
 
 
-def level_loss(level: int, enhanced, target, vgg=None, use_content=True):
+def level_loss(level: int, enhanced, target, vgg=None, use_content=True, loss="reference"):
     """The reference's ``loss_generator`` of the level (a batch mean) and its parts
     (batch means: "mse", "content", "ssim" as the level uses them)."""
-    total, parts = level_loss_per_image(level, enhanced, target, vgg, use_content)
+    total, parts = level_loss_per_image(level, enhanced, target, vgg, use_content, loss)
     return tf.reduce_mean(total), {name: tf.reduce_mean(value) for name, value in parts.items()}

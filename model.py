@@ -34,6 +34,23 @@ IN_EPSILON = 1e-3
 _KERNEL_INIT = keras.initializers.TruncatedNormal(stddev=0.01, seed=1)
 _BIAS_INIT = keras.initializers.Constant(0.01)
 
+# PyNET(init="he"), not the reference's: He-normal kernels and zero biases for the hidden and
+# transposed convolutions, the reference's small weights for the output heads. From the
+# reference's N(0, 0.01) the signal through level 1 (no instance norm) starts near zero, so
+# the output starts grey and hundreds of steps pass before it carries the picture; the quick
+# start, with minutes to train, starts from He instead (README, "Quick start"). Seeded like
+# the reference's, so again all weights of one shape start identical.
+INITS = ("reference", "he")
+_HE_KERNEL_INIT = keras.initializers.HeNormal(seed=1)
+_building_init = ["reference"]   # the init of the PyNET being built (layers build inside PyNET())
+
+
+def _initializers(layer):
+    """(kernel, bias) initializers for a layer built now."""
+    if _building_init[0] == "he" and not isinstance(layer, OutputHead):
+        return _HE_KERNEL_INIT, "zeros"
+    return _KERNEL_INIT, _BIAS_INIT
+
 
 # ---------------------------------------------------------------------------------------
 # primitives
@@ -52,8 +69,9 @@ class ConvLayer(keras.layers.Layer):
 
     def build(self, input_shape):
         k, cin = self.kernel_size, input_shape[-1]
-        self.kernel = self.add_weight(name="kernel", shape=(k, k, cin, self.filters), initializer=_KERNEL_INIT)
-        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=_BIAS_INIT)
+        kernel_init, bias_init = _initializers(self)
+        self.kernel = self.add_weight(name="kernel", shape=(k, k, cin, self.filters), initializer=kernel_init)
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=bias_init)
         if self.instance_norm:
             self.shift = self.add_weight(name="shift", shape=(self.filters,), initializer="zeros")
             self.scale = self.add_weight(name="scale", shape=(self.filters,), initializer="ones")
@@ -94,7 +112,7 @@ class UpConv(keras.layers.Layer):
 
     def build(self, input_shape):
         self.kernel = self.add_weight(name="kernel", shape=(3, 3, self.filters, input_shape[-1]),
-                                      initializer=_KERNEL_INIT)
+                                      initializer=_initializers(self)[0])
 
     def call(self, x):
         return ops.leaky_relu(ops.conv_transpose(x, self.kernel, strides=2, padding="same"), LEAKY_SLOPE)
@@ -187,13 +205,24 @@ def head(name):
 # ---------------------------------------------------------------------------------------
 # the graph, level by level
 
-def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet"):
-    """Build PyNET up to pyramid ``level`` (0 = everything, as the reference always builds).
+def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet", init="reference"):
+    """Build PyNET up to pyramid ``level`` (0 = everything, as the reference always builds),
+    its weights initialised as the reference's (``init="he"``: see INITS).
 
     Returns a keras.Model whose outputs are ``[output_l{level}, ..., output_l5]``.
     """
     if level not in range(6):
         raise ValueError(f"level must be 0..5, got {level}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    _building_init[0] = init
+    try:
+        return _pynet_graph(instance_norm, instance_norm_level_1, level, name)
+    finally:
+        _building_init[0] = "reference"
+
+
+def _pynet_graph(instance_norm, instance_norm_level_1, level, name):
     IN, IN1 = instance_norm, instance_norm_level_1
     raw = keras.Input(shape=(None, None, 4), name="raw")
 

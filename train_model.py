@@ -69,6 +69,10 @@ SPEC = [
     # additions
     Arg("patch_size", int, 224, "side of the packed training/test crops (224 = the whole ZRR patch)",
         check=utils.patch_size_check),
+    Arg("init", str, "reference", "initial weights of the layers a level adds: the reference's, or he = He-normal "
+        "(not the reference's; a faster start from scratch, the quick start's)", choices=("reference", "he")),
+    Arg("loss", str, "reference", "the level's loss: the reference's, or mse = its MSE term alone (not the "
+        "reference's; the quick start's level 0)", choices=("reference", "mse")),
     Arg("whole_dataset", utils.BOOL, False, "stream every training patch (reshuffled each pass) instead of "
         "train_size patches redrawn every refresh_every iterations"),
     Arg("refresh_every", int, 1000, "iterations between redraws of the train_size subset", check=utils.positive),
@@ -253,7 +257,7 @@ class Steps:
     """
 
     def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision, xla=False,
-                 distributed=None):
+                 distributed=None, loss_kind="reference"):
         import tensorflow as tf
 
         import losses
@@ -279,7 +283,8 @@ class Steps:
         def loss_and_grads(raw, target):
             with tf.GradientTape() as tape:
                 enhanced = view(raw, training=True)
-                per_image, _ = losses.level_loss_per_image(level, enhanced, target, vgg, vgg is not None)
+                per_image, _ = losses.level_loss_per_image(level, enhanced, target, vgg, vgg is not None,
+                                                           loss_kind)
                 loss = tf.reduce_sum(per_image) / self.global_batch
                 scaled = optimizer.scale_loss(loss) if self.mixed else loss
             return loss, tape.gradient(scaled, self.trainable)
@@ -318,7 +323,7 @@ class Steps:
         @compiled
         def evaluate(raw, target):
             enhanced = tf.cast(view(raw, training=False), tf.float32)
-            total, parts = losses.level_loss(level, enhanced, target, vgg, vgg is not None)
+            total, parts = losses.level_loss(level, enhanced, target, vgg, vgg is not None, loss_kind)
             out = {"loss": total, "mse": parts["mse"], "psnr": losses.psnr_from_mse(parts["mse"])}
             if vgg is not None:
                 out["content"] = parts["content"] if "content" in parts else losses.content_loss(vgg, enhanced, target)
@@ -398,6 +403,20 @@ NO_VGG_WARNING = ("WARNING: vgg_dir=none: level {level} trains WITHOUT the VGG-1
                   "reference uses at levels 3 to 0; results will differ from the paper's")
 
 
+def departures(args) -> list:
+    """Notes for the options that leave the reference's training (init=, loss=)."""
+    import losses
+
+    notes = []
+    if args["init"] != "reference":
+        notes.append(f"NOTE: init={args['init']}: the layers level {args['level']} adds start from He-normal "
+                     f"weights, not the reference's N(0, 0.01)")
+    if args["loss"] != "reference" and losses.LEVEL_WEIGHTS[args["level"]][1:] != (0.0, 0.0):
+        notes.append(f"NOTE: loss={args['loss']}: level {args['level']} trains on its MSE term alone, not the "
+                     f"reference's loss")
+    return notes
+
+
 # ---------------------------------------------------------------------------------------
 # the trainer
 
@@ -436,7 +455,9 @@ class Trainer:
 
         with self.strategy.scope():
             self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.needs_vgg else None
-            self.model = model if model is not None else pynet.PyNET(instance_norm=True, instance_norm_level_1=False)
+            if model is None:
+                model = pynet.PyNET(instance_norm=True, instance_norm_level_1=False, init=args["init"])
+            self.model = model
             self.view = pynet.level_model(self.model, self.level)
             self.optimizer = build_optimizer(args)
             base_optimizer(self.optimizer).build(self.view.trainable_variables)
@@ -446,7 +467,8 @@ class Trainer:
                              "loss_sum": tf.Variable(0.0, dtype=tf.float64, trainable=False),
                              "loss_count": tf.Variable(0, dtype=tf.int64, trainable=False)}
         self.steps = Steps(self.strategy, self.view, self.optimizer, self.level, self.vgg, args["batch_size"],
-                           args["accum_steps"], args["mixed_precision"], args["xla"], self.distributed)
+                           args["accum_steps"], args["mixed_precision"], args["xla"], self.distributed,
+                           loss_kind=args["loss"])
         self.restore_start()
 
     def prepare(self):
@@ -457,7 +479,9 @@ class Trainer:
         args, out = self.args, self.out
         for name in ("models_dir", "results_dir"):
             utils.check_output_dir(args[name], name)
-        self.needs_vgg = losses.uses_content(self.level)
+        for line in departures(args):
+            out(line)
+        self.needs_vgg = losses.uses_content(self.level) and args["loss"] == "reference"
         if self.needs_vgg and args["vgg_dir"].lower() == "none":
             out(NO_VGG_WARNING.format(level=self.level))
             self.needs_vgg = False

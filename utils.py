@@ -93,11 +93,16 @@ def _parse_optional_int(text: str):
     return None if text.lower() == "none" else int(text)
 
 
+def _parse_optional_float(text: str):
+    return None if text.lower() == "none" else float(text)
+
+
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", _parse_bool: "true or false",
-               _parse_optional_int: "an integer or none"}
+               _parse_optional_int: "an integer or none", _parse_optional_float: "a number or none"}
 
 BOOL = _parse_bool
 OPTIONAL_INT = _parse_optional_int
+OPTIONAL_FLOAT = _parse_optional_float
 
 
 @dataclass

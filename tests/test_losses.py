@@ -203,6 +203,18 @@ def test_level_loss(level):
     assert float(tf.reduce_mean(per_image)) == pytest.approx(float(total), rel=1e-5)
 
 
+@pytest.mark.parametrize("level", [5, 3, 1, 0])
+def test_mse_loss_is_the_mse_term_alone(level):
+    enhanced, target = pair((2, 16, 14, 3), seed=20 + level)
+    # no VGG needed: loss="mse" has no content term
+    total, parts = losses.level_loss(level, enhanced, target, vgg=None, loss="mse")
+    _, m, _, _ = hand_level_loss(level, enhanced, target)
+    assert float(total) == pytest.approx(losses.LEVEL_WEIGHTS[level][0] * m, rel=1e-5)
+    assert set(parts) == {"mse"}
+    with pytest.raises(ValueError, match="loss must be one of"):
+        losses.level_loss(level, enhanced, target, loss="ssim")
+
+
 def test_levels_3_to_0_need_vgg_and_5_4_do_not():
     enhanced, target = pair((1, 8, 8, 3), seed=0)
     for level in (5, 4):

@@ -121,6 +121,30 @@ def randomise(layer, rng):
         var.assign(rng.normal(0.2, 0.3, var.shape).astype(np.float32))
 
 
+def test_he_init_scales_hidden_kernels_by_fan_in_and_keeps_the_heads():
+    he, reference = PyNET(level=5, init="he"), PyNET(level=5)
+    assert PyNET(level=5).get_weights()[0].std() == pytest.approx(reference.get_weights()[0].std())  # reset after
+    checked = 0
+    for a, b in zip(he.weights, reference.weights):
+        value = np.asarray(a)
+        if a.path.startswith("conv_l5_out"):  # the output head keeps the reference's weights
+            np.testing.assert_array_equal(value, np.asarray(b))
+        elif a.path.endswith("bias"):
+            assert not value.any()
+        elif a.path.endswith("kernel"):
+            # He-normal: standard deviation sqrt(2 / fan_in), fan_in = k * k * the kernel's input axis
+            want = np.sqrt(2.0 / (value.shape[0] * value.shape[1] * value.shape[2]))
+            assert value.std() == pytest.approx(want, rel=0.1), a.path
+            assert abs(value.mean()) < 0.1 * want
+            checked += 1
+    assert checked == 16  # the encoder's and level 5's hidden kernels
+    # seeded as the reference's: weights of one shape start equal
+    d2, d3 = (next(w for w in he.weights if w.path == f"conv_l5_d{x}/conv_3a/kernel") for x in "23")
+    np.testing.assert_array_equal(np.asarray(d2), np.asarray(d3))
+    with pytest.raises(ValueError, match="init must be one of"):
+        PyNET(level=5, init="glorot")
+
+
 @pytest.mark.parametrize("instance_norm", [True, False])
 def test_multi_conv_block_equals_numpy(instance_norm):
     rng = np.random.default_rng(1)

@@ -45,17 +45,23 @@ def comparison_panels(root, height, width):
 
 @pytest.mark.slow
 def test_quickstart_runs_every_stage(tmp_path):
-    result = run_quickstart(tmp_path, "iters=0", "patch_size=16", "batch_size=1", "train=4", "test=2",
+    # iters=1: two steps per level, then level 0 resumed for one more (its second phase)
+    result = run_quickstart(tmp_path, "iters=1", "patch_size=16", "batch_size=1", "train=4", "test=2",
                             "full_height=64", "full_width=96", timeout=900)
     out = result.stdout
-    # no VGG file on a fresh machine: said loudly, and levels 3..0 trained without the content term
-    assert "imagenet-vgg-verydeep-19.mat is absent" in out
-    assert len(re.findall(r"WARNING: vgg_dir=none: level [0-3] trains WITHOUT", out)) == 4
-    assert "quick-start schedule (NOT the paper's" in out
-    for level in range(6):
-        assert (tmp_path / "models" / "quickstart" / f"pynet_level_{level}_iteration_0.ckpt.index").exists()
+    # its departures from the paper, said in the schedule and by train_model.py at each level
+    schedule = re.search(r"^quick-start schedule \(NOT the paper's: (.*)\):$", out, re.M).group(1)
+    assert "He-normal initial weights" in schedule and "the MSE loss alone" in schedule
+    assert len(re.findall(r"^NOTE: loss=mse: level [0-3] trains on its MSE term alone", out, re.M)) == 4
+    assert len(re.findall(r"^\$ python train_model.py level=\d .* init=he loss=mse vgg_dir=none ", out, re.M)) == 7
+    # the MSE loss needs no VGG file: none on a fresh machine, and no warning about it
+    assert "WITHOUT the VGG-19" not in out and "is absent" not in out
+    for level in range(1, 6):
+        assert (tmp_path / "models" / "quickstart" / f"pynet_level_{level}_iteration_1.ckpt.index").exists()
+    assert "level 0: resuming after iteration 1" in out
+    assert (tmp_path / "models" / "quickstart" / "pynet_level_0_iteration_2.ckpt.index").exists()
     assert (tmp_path / "raw_images" / "sample" / "SYNTHETIC_SAMPLE.txt").exists()
-    (rendered,) = (tmp_path / "results" / "full-resolution").glob("*_level_0_iteration_0.png")
+    (rendered,) = (tmp_path / "results" / "full-resolution").glob("*_level_0_iteration_2.png")
     pynet = read_rgb(rendered)
     assert pynet.shape == (64, 96, 3)
     mosaic, comparison, panels, target = comparison_panels(tmp_path, 64, 96)
@@ -74,6 +80,50 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert PSNR_LINE.match(lines[-1])
     # one trainer per level in one process: no "retracing" warning for the newcomer to puzzle over
     assert "retracing" not in result.stderr
+
+
+def quick_params(**overrides):
+    import quickstart
+    import utils
+
+    return {**utils.parse_args([], quickstart.ARGS, "quickstart.py"), **overrides}
+
+
+def test_schedule_resumes_level_0_and_takes_overrides():
+    import quickstart
+
+    rows = quickstart.schedule(quick_params())
+    assert [row[:5] for row in rows] == [tuple(row) for row in quickstart.QUICK_SCHEDULE]
+    assert [row[0] for row in rows] == [5, 4, 3, 2, 1, 0, 0]
+    assert [row[5] for row in rows] == [False] * 6 + [True]   # the second level-0 row resumes the first
+    # iters=N: N per level and N more per resumed phase; iters=0: no resumed phase
+    assert [(r[0], r[1], r[5]) for r in quickstart.schedule(quick_params(iters=2))][-2:] == [(0, 2, False),
+                                                                                           (0, 4, True)]
+    assert [r[0] for r in quickstart.schedule(quick_params(iters=0))] == [5, 4, 3, 2, 1, 0]
+    overridden = quickstart.schedule(quick_params(learning_rate=1e-3, patch_size=16, batch_size=3))
+    assert {(r[2], r[3], r[4]) for r in overridden} == {(16, 3, 1e-3)}
+    first, resumed = (quickstart.train_argv(quick_params(), row, "none") for row in rows[-2:])
+    assert "overwrite=true" in first and "resume=true" not in first
+    assert "resume=true" in resumed and "overwrite=true" not in resumed
+    assert f"num_train_iters={rows[-1][1]}" in resumed and f"learning_rate={rows[-1][4]:g}" in resumed
+    text = quickstart.describe_schedule(quick_params(), "none")
+    assert f"to {rows[-1][1] + 1}" in text and "(resumed)" in text
+    assert f"learning rates {rows[-2][4]:g} then {rows[-1][4]:g} instead of 5e-05" in text
+
+
+def test_training_vgg_is_needed_only_by_the_reference_loss(tmp_path):
+    import quickstart
+
+    absent, present = tmp_path / "absent.mat", tmp_path / "vgg.mat"
+    present.write_bytes(b"stand-in")
+    printed = []
+    assert quickstart.training_vgg({"loss": "mse", "vgg_dir": str(absent)}, out=printed.append) == "none"
+    assert printed == []
+    assert quickstart.training_vgg({"loss": "reference", "vgg_dir": str(present)}, out=printed.append) == str(present)
+    assert printed == []
+    assert quickstart.training_vgg({"loss": "reference", "vgg_dir": str(absent)}, out=printed.append) == "none"
+    (line,) = printed
+    assert line.startswith(f"WARNING: {absent} is absent, so levels 3 to 0 train WITHOUT the VGG-19 content loss")
 
 
 @pytest.mark.long

@@ -199,6 +199,32 @@ def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_
     assert float(line.group(3)) == pytest.approx(100 * float(line.group(5)), rel=1e-3)
 
 
+@pytest.mark.slow
+def test_mse_loss_trains_level0_without_vgg_and_says_so(model, sample_dataset, tmp_path):
+    import model as pynet
+
+    pynet.save_checkpoint(model, utils.checkpoint_prefix(str(tmp_path / "models"), 1, 7))
+    # the VGG file is absent, which would be an error with the reference's loss
+    args = make_args(sample_dataset, tmp_path, level=0, num_train_iters=0, loss="mse", init="he",
+                     vgg_dir=tmp_path / "absent.mat")
+    printed = []
+    train_model.Trainer(args, model=model, out=printed.append).run()
+    assert "NOTE: loss=mse: level 0 trains on its MSE term alone, not the reference's loss" in printed
+    assert "NOTE: init=he: the layers level 0 adds start from He-normal weights, not the reference's N(0, 0.01)" \
+        in printed
+    assert not any("WITHOUT the VGG-19" in str(p) for p in printed)
+    (line,) = log_lines(tmp_path / "models")
+    assert line.group(4) == "n/a"
+    # test loss = 20 x MSE: no SSIM term
+    assert float(line.group(3)) == pytest.approx(20 * float(line.group(5)), rel=1e-3)
+
+
+def test_reference_options_print_no_notes():
+    assert train_model.departures(train_model.parse_arguments(["level=0"])) == []
+    # levels 5 and 4 are MSE alone in the reference too
+    assert train_model.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
+
+
 # ---------------------------------------------------------------------------------------
 # resume, interruption, NaN
 
@@ -602,6 +628,8 @@ def test_missing_upper_level_checkpoint_is_a_clean_error(sample_dataset, tmp_pat
     (["patch_size=40"], "a multiple of 16"),
     (["strategy=bogus"], "expected one of auto, one, mirrored, multi_worker"),
     (["devices=/cpu:0"], "devices= is for strategy=mirrored"),
+    (["init=glorot"], "expected one of reference, he"),
+    (["loss=ssim"], "expected one of reference, mse"),
 ])
 def test_bad_arguments(argv, text, capsys):
     code, message = cli_error(argv, capsys)
@@ -616,6 +644,7 @@ def test_per_level_defaults_are_the_reference_s():
             (50, 5000, 5e-5, 1000)
         assert args["dataset_dir"] == "raw_images/" and args["patch_size"] == 224
         assert args["vgg_dir"] == "vgg_pretrained/imagenet-vgg-verydeep-19.mat"
+        assert (args["init"], args["loss"]) == ("reference", "reference")
 
 
 def test_log_line_format():
