@@ -403,12 +403,13 @@ NO_VGG_WARNING = ("WARNING: vgg_dir=none: level {level} trains WITHOUT the VGG-1
                   "reference uses at levels 3 to 0; results will differ from the paper's")
 
 
-def departures(args) -> list:
-    """Notes for the options that leave the reference's training (init=, loss=)."""
+def departures(args, resumed=False) -> list:
+    """Notes for the options that leave the reference's training (init=, loss=); a resumed
+    level initialises nothing."""
     import losses
 
     notes = []
-    if args["init"] != "reference":
+    if args["init"] != "reference" and not resumed:
         notes.append(f"NOTE: init={args['init']}: the layers level {args['level']} adds start from He-normal "
                      f"weights, not the reference's N(0, 0.01)")
     if args["loss"] != "reference" and losses.LEVEL_WEIGHTS[args["level"]][1:] != (0.0, 0.0):
@@ -479,8 +480,6 @@ class Trainer:
         args, out = self.args, self.out
         for name in ("models_dir", "results_dir"):
             utils.check_output_dir(args[name], name)
-        for line in departures(args):
-            out(line)
         self.needs_vgg = losses.uses_content(self.level) and args["loss"] == "reference"
         if self.needs_vgg and args["vgg_dir"].lower() == "none":
             out(NO_VGG_WARNING.format(level=self.level))
@@ -488,6 +487,8 @@ class Trainer:
         if self.needs_vgg and not utils.isfile(args["vgg_dir"]):
             raise UserError(vgg.missing_file_message(args["vgg_dir"]))
         self.start = checkpoints.find_start(args, log=out)
+        for line in departures(args, resumed=self.start.kind == "resume"):
+            out(line)
         if micro_batch(args) % self.replicas:
             raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {self.replicas} "
                              f"replicas of the strategy")

@@ -52,7 +52,10 @@ def test_quickstart_runs_every_stage(tmp_path):
     # its departures from the paper, said in the schedule and by train_model.py at each level
     schedule = re.search(r"^quick-start schedule \(NOT the paper's: (.*)\):$", out, re.M).group(1)
     assert "He-normal initial weights" in schedule and "the MSE loss alone" in schedule
-    assert len(re.findall(r"^NOTE: loss=mse: level [0-3] trains on its MSE term alone", out, re.M)) == 4
+    # levels 3 to 0 (level 0 twice: its resumed phase too); levels 5 and 4 are MSE alone anyway
+    assert len(re.findall(r"^NOTE: loss=mse: level [0-3] trains on its MSE term alone", out, re.M)) == 5
+    # He-normal weights for the layers each level adds, not when level 0 is resumed
+    assert len(re.findall(r"^NOTE: init=he: ", out, re.M)) == 6
     assert len(re.findall(r"^\$ python train_model.py level=\d .* init=he loss=mse vgg_dir=none ", out, re.M)) == 7
     # the MSE loss needs no VGG file: none on a fresh machine, and no warning about it
     assert "WITHOUT the VGG-19" not in out and "is absent" not in out

@@ -223,6 +223,9 @@ def test_reference_options_print_no_notes():
     assert train_model.departures(train_model.parse_arguments(["level=0"])) == []
     # levels 5 and 4 are MSE alone in the reference too
     assert train_model.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
+    # a resumed level initialises nothing
+    he = train_model.parse_arguments(["level=2", "init=he"])
+    assert len(train_model.departures(he)) == 1 and train_model.departures(he, resumed=True) == []
 
 
 # ---------------------------------------------------------------------------------------
