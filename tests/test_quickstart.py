@@ -131,7 +131,7 @@ def test_training_vgg_is_needed_only_by_the_reference_loss(tmp_path):
 
 @pytest.mark.long
 def test_default_quickstart_beats_the_classical_isp(tmp_path):
-    """The README's promise and issue 11's criterion: the quick start's own schedule ends with a
+    """The README's promise: the quick start's own schedule ends with a
     PyNET that scores above the classical baseline on the sample's test split, and writes the
     comparison of the full-resolution photo (its PSNRs are the README's, not asserted: PyNET is
     still blurrier than the classical ISP on that one photo after these minutes)."""
