@@ -12,6 +12,8 @@ training step needs (sum over the images of a replica divided by the global batc
 
 import tensorflow as tf
 
+import utils
+
 # (MSE weight, content weight, 1 - SSIM weight) per level (reference train_model.py, lines 85-92).
 LEVEL_WEIGHTS = {
     5: (100.0, 0.0, 0.0),
@@ -26,7 +28,7 @@ LEVEL_WEIGHTS = {
 # start trains level 0 with for minutes rather than days. The reference's level-0 loss is
 # dominated by its 1 - SSIM term, which pays little for colour and brightness, and the PSNR
 # the quick start is scored by is the MSE's (README, "Quick start").
-LOSSES = ("reference", "mse")
+LOSSES = utils.LOSSES
 
 MS_SSIM_FILTER = 11  # tf.image.ssim_multiscale's default filter size
 MS_SSIM_SCALES = 5

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+import utils
 from utils import UserError
 
 PARAMETER_COUNT = 47_548_170
@@ -40,7 +41,7 @@ _BIAS_INIT = keras.initializers.Constant(0.01)
 # the output starts grey and hundreds of steps pass before it carries the picture; the quick
 # start, with minutes to train, starts from He instead (README, "Quick start"). Seeded like
 # the reference's, so again all weights of one shape start identical.
-INITS = ("reference", "he")
+INITS = utils.INITS
 _HE_KERNEL_INIT = keras.initializers.HeNormal(seed=1)
 _building_init = ["reference"]   # the init of the PyNET being built (layers build inside PyNET())
 
@@ -443,7 +444,6 @@ def save_checkpoint(model, prefix: str, finite_checked: bool = False) -> None:
         raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
     if not finite_checked:
         check_finite(model, prefix)
-    import utils
 
     folder = os.path.dirname(prefix)
     if folder:

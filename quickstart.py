@@ -59,9 +59,9 @@ ARGS = [
     Arg("learning_rate", utils.OPTIONAL_FLOAT, None, "Adam learning rate of every level and phase (the paper: "
         "5e-5); none = the quick-start schedule's", check=utils.positive),
     Arg("init", str, QUICK_INIT, "initial weights (train_model.py init=): he = He-normal, reference = the "
-        "paper's N(0, 0.01)", choices=("reference", "he")),
+        "paper's N(0, 0.01)", choices=utils.INITS),
     Arg("loss", str, QUICK_LOSS, "loss of every level (train_model.py loss=): mse = the MSE term alone, "
-        "reference = the paper's (with VGG-19 content and SSIM terms)", choices=("reference", "mse")),
+        "reference = the paper's (with VGG-19 content and SSIM terms)", choices=utils.LOSSES),
     Arg("seed", int, 0, "random seed of the sample dataset and of training"),
     Arg("train", int, 64, "training patches in the sample dataset", check=utils.positive),
     Arg("test", int, 16, "test patches in the sample dataset (the PSNR is their mean)", check=utils.positive),

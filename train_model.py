@@ -70,9 +70,9 @@ SPEC = [
     Arg("patch_size", int, 224, "side of the packed training/test crops (224 = the whole ZRR patch)",
         check=utils.patch_size_check),
     Arg("init", str, "reference", "initial weights of the layers a level adds: the reference's, or he = He-normal "
-        "(not the reference's; a faster start from scratch, the quick start's)", choices=("reference", "he")),
+        "(not the reference's; a faster start from scratch, the quick start's)", choices=utils.INITS),
     Arg("loss", str, "reference", "the level's loss: the reference's, or mse = its MSE term alone (not the "
-        "reference's; the quick start's level 0)", choices=("reference", "mse")),
+        "reference's; the quick start's level 0)", choices=utils.LOSSES),
     Arg("whole_dataset", utils.BOOL, False, "stream every training patch (reshuffled each pass) instead of "
         "train_size patches redrawn every refresh_every iterations"),
     Arg("refresh_every", int, 1000, "iterations between redraws of the train_size subset", check=utils.positive),

@@ -104,6 +104,11 @@ BOOL = _parse_bool
 OPTIONAL_INT = _parse_optional_int
 OPTIONAL_FLOAT = _parse_optional_float
 
+# Choices of train_model.py's init= and loss= (model.PyNET(init=), losses.level_loss(loss=)),
+# here so that the scripts' argument specs need no TensorFlow.
+INITS = ("reference", "he")
+LOSSES = ("reference", "mse")
+
 
 @dataclass
 class Arg:
