@@ -139,10 +139,10 @@ def test_baseline_turns_a_flat_colour_into_flat_gray_with_srgb_gamma():
 # end to end on a small dataset
 
 @pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory):
+def small_dataset(module_tmp):
     """test/huawei_raw/{i}.png (448x448 10-bit RGGB mosaics of a smooth colour image) and
     test/canon/{i}.jpg (the image itself)."""
-    root = tmp_path_factory.mktemp("zrr")
+    root = module_tmp("zrr")
     rng = np.random.default_rng(4)
     for folder in ("huawei_raw", "canon"):
         (root / "test" / folder).mkdir(parents=True)

@@ -56,13 +56,13 @@ def run_script(script, cwd, *args):
 # artefacts from a seeded checkpoint, and test_model.py's renders of the same weights
 
 @pytest.fixture(scope="module")
-def release(full_model, tmp_path_factory):
+def release(full_model, module_tmp):
     """A seeded checkpoint (models/pynet_level_{0,5}_iteration_1000.ckpt), the mosaics, the
     artefacts exported in this process from that checkpoint, test_model.render's float output
     for each mosaic at levels 0 and 5, and the processes started on the artefacts as soon as
     they exist ("background": the conversions here run on one core, those on the other).
     full_model's weights are restored before use."""
-    root = tmp_path_factory.mktemp("export")
+    root = module_tmp("export")
     rng = np.random.default_rng(20)
     # 64x64: aligned; 70x98 packs to 35x49 (padded to 48x64, cropped back); 71x99: odd sides
     mosaics = {"square": mosaic(rng, *SMALL), "odd": mosaic(rng, 70, 98), "uneven": mosaic(rng, 71, 99),

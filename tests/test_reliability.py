@@ -116,11 +116,11 @@ def train_args(data, tmp, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(full_model, sample_dataset, tmp_path_factory):
+def trained(full_model, sample_dataset, module_tmp):
     """models/ of a short level-5 run: pynet_level_5_iteration_{0,3}.ckpt, each with its
     training state. Read-only: tests take a link_tree copy."""
     saved = [v.numpy() for v in full_model.weights]
-    root = tmp_path_factory.mktemp("trained")
+    root = module_tmp("trained")
     try:
         train_model.Trainer(train_args(sample_dataset, root, num_train_iters=3, eval_step=3), model=full_model,
                             out=lambda *a: None).run()

@@ -161,10 +161,10 @@ def test_automatic_choice_bounds_the_pixels_held():
 # the script
 
 @pytest.fixture(scope="module")
-def fabricated_release(full_model, tmp_path_factory):
+def fabricated_release(full_model, module_tmp):
     """A folder laid out as a user's: models/original/pynet_level_0.ckpt with random weights
     (written by our saver under the reference's keys) and two full-resolution mosaics."""
-    root = tmp_path_factory.mktemp("user")
+    root = module_tmp("user")
     rng = np.random.default_rng(0)
     saved = [v.numpy() for v in full_model.weights]
     assign_sane_weights(full_model, rng)

@@ -30,8 +30,8 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "PYTH
 
 
 @pytest.fixture(scope="module")
-def fake_vgg(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vgg") / "imagenet-vgg-verydeep-19.mat"
+def fake_vgg(module_tmp):
+    path = module_tmp("vgg") / "imagenet-vgg-verydeep-19.mat"
     write_matconvnet_vgg(str(path), random_vgg_weights(seed=7))
     return str(path)
 

@@ -16,8 +16,8 @@ def fake_weights():
 
 
 @pytest.fixture(scope="module")
-def fake_mat(tmp_path_factory, fake_weights):
-    path = tmp_path_factory.mktemp("vgg") / "imagenet-vgg-verydeep-19.mat"
+def fake_mat(module_tmp, fake_weights):
+    path = module_tmp("vgg") / "imagenet-vgg-verydeep-19.mat"
     write_matconvnet_vgg(str(path), fake_weights)
     return str(path)
 
@@ -122,8 +122,8 @@ def write_keras_legacy_h5(path, weights_bgr):
 
 
 @pytest.fixture(scope="module")
-def fake_h5(tmp_path_factory, fake_weights):
-    path = str(tmp_path_factory.mktemp("vgg_keras") / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
+def fake_h5(module_tmp, fake_weights):
+    path = str(module_tmp("vgg_keras") / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
     write_keras_legacy_h5(path, fake_weights)  # kernels as Keras stores them: first conv reads BGR
     return path
 
