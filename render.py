@@ -64,7 +64,7 @@ def pad_to_multiple(packed, multiple=16):
 # inference on frames of any size with bounded memory: row strips
 #
 # The whole-frame graph holds every feature map of the frame at once (a 12 MP frame peaks
-# near 6.2 GiB on a CPU and does not fit 11 GB GPUs). Here the same graph, read from the
+# near 6 GiB on a CPU and does not fit 11 GB GPUs). Here the same graph, read from the
 # Keras model and using its variables, runs over strips of rows spanning the whole width:
 #
 # * a layer without instance norm is computed strip by strip and keeps only the rows its
@@ -76,11 +76,15 @@ def pad_to_multiple(packed, multiple=16):
 #   all of it, then each strip is normalised (replacing the pre-norm one). A map is dropped
 #   strip by strip as soon as its last consumer has passed it.
 #
-# Zero padding is applied only at the frame's edges, every value is computed once (no
-# overlapping tiles to recompute), and the output equals the whole-frame one up to float
-# rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the work) is computed
-# twice rather than kept for the whole frame: once for the encoder, once for level 1.
-# For a 12 MP frame at level 0 the peak RSS is 2.35 GiB (whole frame: ~6.2 GiB), reached
+# * a few maps with instance norm are replayed instead of held (REPLAYED): their statistics
+#   are gathered strip by strip, nothing kept, and their rows computed again, normalised, each
+#   time a consumer reads them, as for a layer without instance norm. Those chosen are the
+#   ones held while level 2 makes the peak that are cheapest to compute again.
+#
+# Zero padding is applied only at the frame's edges, and the output equals the whole-frame
+# one up to float rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the
+# work) is computed again rather than kept for the whole frame.
+# For a 12 MP frame at level 0 the peak RSS is 2.12 GiB (whole frame: 6.05 GiB), reached
 # while the maps of level 2 are held, where oneDNN allocates through malloc (see
 # test_model.bound_memory); benchmarks/README.md, "Inference" has the figures.
 
@@ -88,25 +92,39 @@ MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use 
 
 
 # Feature maps are held as (rows, W, C) tensors: slicing rows is then a slice of the first
-# dimension, which TensorFlow serves without copying. Strips run eagerly: a tf.function per
-# layer call cost more in argument matching than it saved, and tracing a steady strip once
-# into a graph and replaying it was no faster on a 12 MP frame (240 s op by op, 249 s
-# replayed, benchmarks/README.md, "Inference"), so the simpler form stays.
+# dimension, which TensorFlow serves without copying. Strips run eagerly, but for their
+# convolutions (see _conv_function): tracing a steady strip once into a graph and replaying
+# it was no faster on a 12 MP frame (240 s op by op, 249 s replayed).
 
 def _conv_rows(x, layer, pad_top, pad_bottom, relu):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
     the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges)."""
-    p = layer.kernel_size // 2
-    y = tf.nn.conv2d(x[None], layer.kernel.value, 1, padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
-    y = tf.nn.bias_add(y, layer.bias.value)
-    return (tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y)[0]
+    key = (pad_top, pad_bottom, layer.kernel_size // 2, relu)
+    if key not in _CONV_FUNCTIONS:
+        _CONV_FUNCTIONS[key] = _conv_function(*key)
+    return _CONV_FUNCTIONS[key](x, layer.kernel.value, layer.bias.value)
+
+
+_CONV_FUNCTIONS = {}
+_ANY = tf.TensorSpec(None, tf.float32)
+
+
+def _conv_function(pad_top, pad_bottom, p, relu):
+    """One graph per padding, for any strip and layer: Grappler fuses its conv, bias and leaky
+    ReLU into one kernel, which writes one map where three eager ops wrote three."""
+    def conv(x, kernel, bias):
+        y = tf.nn.conv2d(tf.expand_dims(x, 0), kernel, 1, padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
+        y = tf.nn.bias_add(y, bias)
+        return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y, 0)
+    return tf.function(conv).get_concrete_function(_ANY, _ANY, _ANY)
 
 
 def _up_rows(x, layer):
     """Stride-2 'same' transposed convolution + leaky ReLU of a strip of rows."""
     rows, width, _ = x.shape
-    y = tf.nn.conv2d_transpose(x[None], layer.kernel.value, [1, 2 * rows, 2 * width, layer.filters], 2, "SAME")
-    return tf.nn.leaky_relu(y, LEAKY_SLOPE)[0]
+    y = tf.nn.conv2d_transpose(tf.expand_dims(x, 0), layer.kernel.value, [1, 2 * rows, 2 * width, layer.filters], 2,
+                               "SAME")
+    return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE), 0)
 
 
 class _Rows:
@@ -132,9 +150,16 @@ class _Rows:
             source.consumers.append(self)
 
     def low(self):
-        return min(self.marks.values()) if self.marks else self.hi
+        marks = list(self.marks.values())
+        if getattr(self, "replay", False):
+            # a consumer that has not read yet (mark 0) does not keep a replayed map's rows:
+            # it will have them computed again
+            marks = [mark for mark in marks if mark > 0]
+        return min(marks) if marks else self.hi
 
     def get(self, a, b):
+        if a < (self.chunks[0][0] if self.chunks else self.hi):
+            self._restart(a)
         if b > self.hi:
             new = self.produce(self.hi, min(b, self.height))
             end = self.hi + int(new.shape[0])
@@ -143,9 +168,23 @@ class _Rows:
         return self._rows(a, b)
 
     def _rows(self, a, b):
-        parts = [data[max(a, start) - start: min(b, end) - start]
+        parts = [data if start >= a and end <= b else
+                 tf.slice(data, [max(a, start) - start, 0, 0], [min(b, end) - max(a, start), -1, -1])
                  for start, end, data in self.chunks if start < b and end > a]
+        if not parts or self.chunks[0][0] > a:
+            raise RuntimeError(f"rows {a} to {b} of a held map were dropped before their last use")
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+    def _restart(self, a):
+        """Rows from ``a`` are asked again after they were dropped: a replayed map (see
+        _NormConvRows) reads its input a second time. Computed again from ``a``; the
+        sources are told to keep what that needs until this node releases them again."""
+        self.chunks, self.hi = [], self._aligned(a)
+        for source in self.sources:
+            source.marks[id(self)] = 0
+
+    def _aligned(self, a):
+        return a
 
     def _trim(self):
         low = self.low()
@@ -222,6 +261,9 @@ class _UpRows(_Rows):
         super().__init__(2 * source.height, [source])
         self.layer = layer
 
+    def _aligned(self, a):
+        return a - a % 2
+
     def produce(self, a, b):
         source = self.sources[0]
         m0, m1 = a // 2, min((b + 1) // 2, source.height)
@@ -238,11 +280,12 @@ class _ConvRows(_Rows):
         super().__init__(source.height, [source])
         self.layer = layer
 
-    def _conv(self, a, b, relu):
+    def _conv(self, a, b, relu, release=True):
         source, p, height = self.sources[0], self.layer.kernel_size // 2, self.height
         top, bottom = max(a - p, 0), min(b + p, height)
         y = _conv_rows(source.get(top, bottom), self.layer, top - (a - p), (b + p) - bottom, relu)
-        source.release(self, b - p)
+        if release:
+            source.release(self, b - p)
         return y
 
     def produce(self, a, b):
@@ -253,7 +296,25 @@ class _ConvRows(_Rows):
 class _NormConvRows(_ConvRows):
     """A ConvLayer with instance norm: at the first request the whole map is computed before
     normalisation, strip by strip (``step`` rows), its mean and variance taken over all of it,
-    then each strip normalised in place. Strips are dropped as the last consumer passes them."""
+    then each strip normalised in place. Strips are dropped as the last consumer passes them.
+
+    A ``replay`` map is never held: its statistics are gathered strip by strip (each strip
+    dropped once counted), then its rows are computed again, normalised, as they are asked
+    for, like a map without instance norm. Cheaper in memory, dearer in time: see REPLAYED."""
+
+    replay = False
+
+    def __init__(self, layer, source):
+        super().__init__(layer, source)
+        self.affine = None   # (multiplier, offset): normalisation and the layer's scale and shift
+
+    def _set_affine(self, mean, variance):
+        multiplier = self.layer.scale.value / tf.sqrt(variance.astype(np.float32) + IN_EPSILON)
+        self.affine = (multiplier, self.layer.shift.value - mean.astype(np.float32) * multiplier)
+
+    def _normalise(self, y):
+        multiplier, offset = self.affine
+        return tf.nn.leaky_relu(y * multiplier + offset, LEAKY_SLOPE)
 
     def _materialise(self):
         chunks, total = self.chunks, 0.0
@@ -268,21 +329,69 @@ class _NormConvRows(_ConvRows):
         spread = 0.0
         for _, _, y in chunks:
             spread = spread + tf.reduce_sum(tf.square(y - mean), axis=[0, 1]).numpy().astype(np.float64)
-        multiplier = self.layer.scale.value / tf.sqrt((spread / count).astype(np.float32) + IN_EPSILON)
-        offset = self.layer.shift.value - mean * multiplier
+        self._set_affine(mean, spread / count)
         del y
         for i, (a, end, _) in enumerate(chunks):  # one strip at a time: the map is never held twice
-            chunks[i] = (a, end, tf.nn.leaky_relu(chunks[i][2] * multiplier + offset, LEAKY_SLOPE))
+            chunks[i] = (a, end, self._normalise(chunks[i][2]))
         self.hi = self.height
 
+    def _measure(self):
+        """Mean and variance of the map, one strip at a time (Chan et al.'s pairwise update of
+        the strips' own mean and squared deviations, in float64), nothing kept."""
+        count, mean, spread = 0, 0.0, 0.0
+        source = self.sources[0]
+        held = not _restartable(source)   # then kept whole for the rows asked for later
+        for a in range(0, self.height, self.step):
+            y = self._conv(a, min(a + self.step, self.height), relu=False, release=not held)
+            n = int(y.shape[0]) * int(y.shape[1])
+            strip_mean = tf.reduce_mean(y, axis=[0, 1])
+            strip_spread = tf.reduce_sum(tf.square(y - strip_mean), axis=[0, 1]).numpy().astype(np.float64)
+            delta = strip_mean.numpy().astype(np.float64) - mean
+            mean = mean + delta * n / (count + n)
+            spread = spread + strip_spread + delta ** 2 * count * n / (count + n)
+            count += n
+        if not held:
+            source.release(self, self.height)
+        self._set_affine(mean, spread / count)
+        self.chunks, self.hi = [], self.height   # rows asked for from now on are computed again
+
+    def produce(self, a, b):  # a replayed map's rows, normalised
+        return self._normalise(self._conv(a, b, relu=False))
+
     def get(self, a, b):
-        if self.hi < self.height:
-            self._materialise()
-        return self._rows(a, b)
+        if self.affine is None:
+            (self._measure if self.replay else self._materialise)()
+        return super().get(a, b) if self.replay else self._rows(a, b)
 
 
-def _conv_node(layer, source):
-    return _NormConvRows(layer, source) if layer.instance_norm else _ConvRows(layer, source)
+
+def _conv_node(layer, source, replay=False):
+    if not layer.instance_norm:
+        return _ConvRows(layer, source)
+    node = _NormConvRows(layer, source)
+    node.replay = replay
+    return node
+
+
+def _restartable(node):
+    """Whether ``node``'s rows can be computed again once dropped: a replayed map, or a map
+    computed from such maps or the packed input alone. (A replayed map whose input is held
+    needs that input kept until it is read for the last time: REPLAYED picks only maps
+    whose held input another consumer keeps for as long.)"""
+    if isinstance(node, _NormConvRows):
+        return node.replay
+    return all(_restartable(source) for source in node.sources)
+
+
+def REPLAYED(block, size):
+    """Whether branch ``size`` of MultiConvBlock ``block`` is replayed rather than held: the
+    maps that make a 12 MP frame's peak (level 2, while conv_l2_d4..d7 hold their input and
+    branches) and cost least to compute again. The 3x3 branch of those 7x7 blocks: held, 180 MB
+    on a 12 MP frame; computed again, 2.5% more work. conv_l2_d1, held from the encoder to
+    conv_l2_d7 otherwise: 180 MB; computed again from the packed input, about 5%."""
+    if not block.instance_norm:
+        return False
+    return block.name == "conv_l2_d1" or (block.name in ("conv_l2_d4", "conv_l2_d5", "conv_l2_d6") and size == 3)
 
 
 def _graph_rows(output, packed):
@@ -299,7 +408,10 @@ def _graph_rows(output, packed):
             node = _SourceRows(packed)
         elif isinstance(op, MultiConvBlock):
             source = rows_of(inputs[0])
-            branches = [_conv_node(second, _conv_node(first, source)) for first, second in op.branches]
+            branches = []
+            for first, second in op.branches:
+                replay = REPLAYED(op, first.kernel_size)
+                branches.append(_conv_node(second, _conv_node(first, source, replay), replay))
             node = branches[0] if len(branches) == 1 else _CatRows(source.height, branches)
         elif isinstance(op, ConvLayer):  # OutputHead included
             node = _conv_node(op, rows_of(inputs[0]))

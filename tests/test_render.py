@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import checkpoints
+import render
 import test_model
 from helpers import ROOT, assign_sane_weights
 from load_dataset import extract_bayer_channels
@@ -58,6 +59,62 @@ def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model)
     for level in (0, 2, 4):
         got = render_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
         np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
+
+
+def held_bytes_peak(monkeypatch):
+    """Track the bytes of feature-map rows that render's row streams hold; returns a list whose
+    item is the peak seen after any request for rows."""
+    nodes, peak = [], [0]
+    init = render._Rows.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        nodes.append(self)
+
+    def tracked(get):
+        def tracked_get(self, a, b):
+            rows = get(self, a, b)
+            peak[0] = max(peak[0], sum(int(np.prod(c[2].shape)) * 4 for n in nodes for c in n.chunks))
+            return rows
+        return tracked_get
+
+    monkeypatch.setattr(render._Rows, "__init__", tracked_init)
+    for cls in (render._Rows, render._CatRows, render._NormConvRows):
+        monkeypatch.setattr(cls, "get", tracked(cls.__dict__["get"]))
+    return peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["default", "every map"])
+def test_replayed_maps_equal_the_whole_frame(sane_model, monkeypatch, policy):
+    """Replayed instance-norm maps (statistics gathered strip by strip, rows computed again when
+    asked for) give the whole frame's output; replaying every one chains restarts through
+    every level."""
+    if policy == "every map":
+        monkeypatch.setattr(render, "REPLAYED", lambda block, size: block.instance_norm)
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(6), 128, 128))   # 64 x 64 packed
+    expected = sane_model(packed[None])
+    for level in (0, 2):
+        got = render_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
+        np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_replayed_maps_lower_the_peak_of_held_rows(sane_model, monkeypatch):
+    """On a frame tall for its strips, as a 12 MP photo is, the held maps of level 2 make the
+    peak. Held, conv_l2_d1 is among them at every moment of level 2; replayed (with the 3x3
+    branches of conv_l2_d4..d6), the peak is lower by at least that map."""
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(7), 768, 64))    # 384 x 32 packed
+    peaks, outputs = {}, {}
+    for policy, replayed in (("none", lambda block, size: False), ("default", render.REPLAYED)):
+        with monkeypatch.context() as patch:
+            patch.setattr(render, "REPLAYED", replayed)
+            peak = held_bytes_peak(patch)
+            outputs[policy] = render_in_strips(sane_model, 2, packed, 16, min_strip_pixels=0)
+            peaks[policy] = peak[0]
+    np.testing.assert_allclose(outputs["default"], outputs["none"], atol=1e-4)
+    level_2_map = 192 * 16 * 64 * 4
+    assert peaks["default"] <= peaks["none"] - level_2_map, peaks
 
 
 @pytest.mark.slow
