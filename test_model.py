@@ -297,9 +297,9 @@ def main(argv):
 def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
-    of levels 2 to 5 for the rest of the run and fragments, 2.87 GiB against 2.36 GiB for a
-    12 MP frame (before render.py replayed some maps), at the cost of 20% more time
-    (benchmarks/README.md, "Inference"). Takes effect only before TensorFlow starts; a
+    of levels 2 to 5 for the rest of the run and fragments, 2.43 GiB against 2.12 GiB for a
+    12 MP frame, where malloc costs 45% more time (412 s against 283 s;
+    benchmarks/README.md, "Inference"). Takes effect only before TensorFlow starts; a
     user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
