@@ -137,6 +137,8 @@ class _Rows:
     to extend or trim a map, so holding a whole map costs the map and no more.
     """
 
+    replay = False   # see _NormConvRows
+
     def __init__(self, height, sources=()):
         self.height = height
         self.sources = list(sources)
@@ -151,7 +153,7 @@ class _Rows:
 
     def low(self):
         marks = list(self.marks.values())
-        if getattr(self, "replay", False):
+        if self.replay:
             # a consumer that has not read yet (mark 0) does not keep a replayed map's rows:
             # it will have them computed again
             marks = [mark for mark in marks if mark > 0]
@@ -293,6 +295,27 @@ class _ConvRows(_Rows):
         return tf.tanh(y) * 0.58 + 0.5 if isinstance(self.layer, OutputHead) else y
 
 
+class _Moments:
+    """Per-channel mean and variance of a map seen strip by strip: Chan et al.'s pairwise
+    update of the strips' own means and squared deviations, in float64, so that neither a
+    second pass over the map nor the map itself is needed."""
+
+    def __init__(self):
+        self.count, self.mean, self.spread = 0, 0.0, 0.0
+
+    def add(self, y):
+        n = int(y.shape[0]) * int(y.shape[1])
+        strip_mean = tf.reduce_mean(y, axis=[0, 1])
+        strip_spread = tf.reduce_sum(tf.square(y - strip_mean), axis=[0, 1]).numpy().astype(np.float64)
+        delta = strip_mean.numpy().astype(np.float64) - self.mean
+        self.mean = self.mean + delta * n / (self.count + n)
+        self.spread = self.spread + strip_spread + delta ** 2 * self.count * n / (self.count + n)
+        self.count += n
+
+    def variance(self):
+        return self.spread / self.count
+
+
 class _NormConvRows(_ConvRows):
     """A ConvLayer with instance norm: at the first request the whole map is computed before
     normalisation, strip by strip (``step`` rows), its mean and variance taken over all of it,
@@ -302,10 +325,9 @@ class _NormConvRows(_ConvRows):
     dropped once counted), then its rows are computed again, normalised, as they are asked
     for, like a map without instance norm. Cheaper in memory, dearer in time: see REPLAYED."""
 
-    replay = False
-
-    def __init__(self, layer, source):
+    def __init__(self, layer, source, replay=False):
         super().__init__(layer, source)
+        self.replay = replay
         self.affine = None   # (multiplier, offset): normalisation and the layer's scale and shift
 
     def _set_affine(self, mean, variance):
@@ -317,42 +339,26 @@ class _NormConvRows(_ConvRows):
         return tf.nn.leaky_relu(y * multiplier + offset, LEAKY_SLOPE)
 
     def _materialise(self):
-        chunks, total = self.chunks, 0.0
+        chunks, moments = self.chunks, _Moments()
         for a in range(0, self.height, self.step):
             end = min(a + self.step, self.height)
-            y = self._conv(a, end, relu=False)
-            chunks.append((a, end, y))
-            total = total + tf.reduce_sum(y, axis=[0, 1]).numpy().astype(np.float64)
+            chunks.append((a, end, self._conv(a, end, relu=False)))
+            moments.add(chunks[-1][2])
         self.sources[0].release(self, self.height)
-        count = float(self.height * int(chunks[0][2].shape[1]))
-        mean = (total / count).astype(np.float32)
-        spread = 0.0
-        for _, _, y in chunks:
-            spread = spread + tf.reduce_sum(tf.square(y - mean), axis=[0, 1]).numpy().astype(np.float64)
-        self._set_affine(mean, spread / count)
-        del y
+        self._set_affine(moments.mean, moments.variance())
         for i, (a, end, _) in enumerate(chunks):  # one strip at a time: the map is never held twice
             chunks[i] = (a, end, self._normalise(chunks[i][2]))
         self.hi = self.height
 
     def _measure(self):
-        """Mean and variance of the map, one strip at a time (Chan et al.'s pairwise update of
-        the strips' own mean and squared deviations, in float64), nothing kept."""
-        count, mean, spread = 0, 0.0, 0.0
-        source = self.sources[0]
+        """Mean and variance of the map, one strip at a time, nothing kept."""
+        source, moments = self.sources[0], _Moments()
         held = not _restartable(source)   # then kept whole for the rows asked for later
         for a in range(0, self.height, self.step):
-            y = self._conv(a, min(a + self.step, self.height), relu=False, release=not held)
-            n = int(y.shape[0]) * int(y.shape[1])
-            strip_mean = tf.reduce_mean(y, axis=[0, 1])
-            strip_spread = tf.reduce_sum(tf.square(y - strip_mean), axis=[0, 1]).numpy().astype(np.float64)
-            delta = strip_mean.numpy().astype(np.float64) - mean
-            mean = mean + delta * n / (count + n)
-            spread = spread + strip_spread + delta ** 2 * count * n / (count + n)
-            count += n
+            moments.add(self._conv(a, min(a + self.step, self.height), relu=False, release=not held))
         if not held:
             source.release(self, self.height)
-        self._set_affine(mean, spread / count)
+        self._set_affine(moments.mean, moments.variance())
         self.chunks, self.hi = [], self.height   # rows asked for from now on are computed again
 
     def produce(self, a, b):  # a replayed map's rows, normalised
@@ -364,13 +370,10 @@ class _NormConvRows(_ConvRows):
         return super().get(a, b) if self.replay else self._rows(a, b)
 
 
-
 def _conv_node(layer, source, replay=False):
     if not layer.instance_norm:
         return _ConvRows(layer, source)
-    node = _NormConvRows(layer, source)
-    node.replay = replay
-    return node
+    return _NormConvRows(layer, source, replay)
 
 
 def _restartable(node):
