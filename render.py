@@ -96,13 +96,15 @@ MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use 
 # convolutions (see _conv_function): tracing a steady strip once into a graph and replaying
 # it was no faster on a 12 MP frame (240 s op by op, 249 s replayed).
 
-def _conv_rows(x, layer, pad_top, pad_bottom, relu):
+def _conv_rows(x, layer, pad_top, pad_bottom, relu, weights=None):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
-    the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges)."""
+    the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges).
+    ``weights``: (kernel, bias) to use instead of the layer's."""
     key = (pad_top, pad_bottom, layer.kernel_size // 2, relu)
     if key not in _CONV_FUNCTIONS:
         _CONV_FUNCTIONS[key] = _conv_function(*key)
-    return _CONV_FUNCTIONS[key](x, layer.kernel.value, layer.bias.value)
+    kernel, bias = weights if weights is not None else (layer.kernel.value, layer.bias.value)
+    return _CONV_FUNCTIONS[key](x, kernel, bias)
 
 
 _CONV_FUNCTIONS = {}
@@ -117,6 +119,19 @@ def _conv_function(pad_top, pad_bottom, p, relu):
         y = tf.nn.bias_add(y, bias)
         return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y, 0)
     return tf.function(conv).get_concrete_function(_ANY, _ANY, _ANY)
+
+
+@tf.function(input_signature=[_ANY])
+def _strip_moments(y):
+    """Per-channel mean and sum of squared deviations of a strip, in one graph (no
+    intermediate map is kept by Python, so the graph reuses its buffers)."""
+    mean = tf.reduce_mean(y, axis=[0, 1])
+    return mean, tf.reduce_sum(tf.square(y - mean), axis=[0, 1])
+
+
+@tf.function(input_signature=[_ANY, _ANY, _ANY])
+def _affine_leaky(y, multiplier, offset):
+    return tf.nn.leaky_relu(y * multiplier + offset, LEAKY_SLOPE)
 
 
 def _up_rows(x, layer):
@@ -226,7 +241,12 @@ class _CatRows(_Rows):
         return super().get(a, b)
 
     def produce(self, a, b):
-        parts = [source.get(a, b) for source in self.sources]
+        # a map upsampled from the level below first: its first rows run that whole level,
+        # during which rows already taken from the other sources would be held
+        order = sorted(range(len(self.sources)), key=lambda i: not isinstance(self.sources[i], _UpRows))
+        parts = [None] * len(order)
+        for i in order:
+            parts[i] = self.sources[i].get(a, b)
         for source in self.sources:
             source.release(self, b)
         return tf.concat(parts, axis=-1)
@@ -271,7 +291,7 @@ class _UpRows(_Rows):
         m0, m1 = a // 2, min((b + 1) // 2, source.height)
         first = max(m0 - 1, 0)
         y = _up_rows(source.get(first, m1), self.layer)
-        source.release(self, m1 - 1)
+        source.release(self, source.height if 2 * m1 >= self.height else m1 - 1)
         return y[2 * (m0 - first):]
 
 
@@ -282,12 +302,12 @@ class _ConvRows(_Rows):
         super().__init__(source.height, [source])
         self.layer = layer
 
-    def _conv(self, a, b, relu, release=True):
+    def _conv(self, a, b, relu, release=True, weights=None):
         source, p, height = self.sources[0], self.layer.kernel_size // 2, self.height
         top, bottom = max(a - p, 0), min(b + p, height)
-        y = _conv_rows(source.get(top, bottom), self.layer, top - (a - p), (b + p) - bottom, relu)
+        y = _conv_rows(source.get(top, bottom), self.layer, top - (a - p), (b + p) - bottom, relu, weights)
         if release:
-            source.release(self, b - p)
+            source.release(self, height if b >= height else b - p)
         return y
 
     def produce(self, a, b):
@@ -305,9 +325,8 @@ class _Moments:
 
     def add(self, y):
         n = int(y.shape[0]) * int(y.shape[1])
-        strip_mean = tf.reduce_mean(y, axis=[0, 1])
-        strip_spread = tf.reduce_sum(tf.square(y - strip_mean), axis=[0, 1]).numpy().astype(np.float64)
-        delta = strip_mean.numpy().astype(np.float64) - self.mean
+        strip_mean, strip_spread = (t.numpy().astype(np.float64) for t in _strip_moments(y))
+        delta = strip_mean - self.mean
         self.mean = self.mean + delta * n / (self.count + n)
         self.spread = self.spread + strip_spread + delta ** 2 * self.count * n / (self.count + n)
         self.count += n
@@ -333,10 +352,13 @@ class _NormConvRows(_ConvRows):
     def _set_affine(self, mean, variance):
         multiplier = self.layer.scale.value / tf.sqrt(variance.astype(np.float32) + IN_EPSILON)
         self.affine = (multiplier, self.layer.shift.value - mean.astype(np.float32) * multiplier)
+        if self.replay:
+            # normalisation folded into the convolution: one fused kernel per replayed strip
+            self.folded = (self.layer.kernel.value * multiplier,
+                           (self.layer.bias.value - mean.astype(np.float32)) * multiplier + self.layer.shift.value)
 
     def _normalise(self, y):
-        multiplier, offset = self.affine
-        return tf.nn.leaky_relu(y * multiplier + offset, LEAKY_SLOPE)
+        return _affine_leaky(y, *self.affine)
 
     def _materialise(self):
         chunks, moments = self.chunks, _Moments()
@@ -362,7 +384,7 @@ class _NormConvRows(_ConvRows):
         self.chunks, self.hi = [], self.height   # rows asked for from now on are computed again
 
     def produce(self, a, b):  # a replayed map's rows, normalised
-        return self._normalise(self._conv(a, b, relu=False))
+        return self._conv(a, b, relu=True, weights=self.folded)
 
     def get(self, a, b):
         if self.affine is None:

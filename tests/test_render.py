@@ -118,6 +118,27 @@ def test_replayed_maps_lower_the_peak_of_held_rows(sane_model, monkeypatch):
 
 
 @pytest.mark.slow
+def test_every_map_is_dropped_once_its_last_consumer_has_passed(sane_model, monkeypatch):
+    """When the last strip is out, no stream holds rows: neither the last strip of a map read
+    by a convolution (released up to its bottom edge) nor the whole small maps of levels 3 to
+    5 read by a transposed convolution, which would otherwise be held through every level
+    above them."""
+    nodes = []
+    init = render._Rows.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        nodes.append(self)
+
+    monkeypatch.setattr(render._Rows, "__init__", tracked_init)
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(8), 256, 64))    # 128 x 32 packed
+    render_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
+    held = {f"{type(n).__name__} {getattr(getattr(n, 'layer', None), 'path', '')} ({n.height} rows)":
+            sum(int(c[1] - c[0]) for c in n.chunks) for n in nodes}
+    assert len(nodes) > 100 and not {name: rows for name, rows in held.items() if rows}
+
+
+@pytest.mark.slow
 def test_any_size_renders_and_is_cropped_back(sane_model):
     rng = np.random.default_rng(6)
     raw = mosaic(rng, 70, 98)                       # packs to 35 x 49, padded to 48 x 64
