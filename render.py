@@ -84,7 +84,7 @@ def pad_to_multiple(packed, multiple=16):
 # Zero padding is applied only at the frame's edges, and the output equals the whole-frame
 # one up to float rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the
 # work) is computed again rather than kept for the whole frame.
-# For a 12 MP frame at level 0 the peak RSS is 2.12 GiB (whole frame: 6.05 GiB), reached
+# For a 12 MP frame at level 0 the peak RSS is 1.95 GiB (whole frame: 6.01 GiB), reached
 # while the maps of level 2 are held, where oneDNN allocates through malloc (see
 # test_model.bound_memory); benchmarks/README.md, "Inference" has the figures.
 
