@@ -348,6 +348,7 @@ class _NormConvRows(_ConvRows):
         super().__init__(layer, source)
         self.replay = replay
         self.affine = None   # (multiplier, offset): normalisation and the layer's scale and shift
+        self.folded = None   # replayed: (kernel, bias) with the normalisation folded in
 
     def _set_affine(self, mean, variance):
         multiplier = self.layer.scale.value / tf.sqrt(variance.astype(np.float32) + IN_EPSILON)

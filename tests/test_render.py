@@ -61,15 +61,23 @@ def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model)
         np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
 
 
-def held_bytes_peak(monkeypatch):
-    """Track the bytes of feature-map rows that render's row streams hold; returns a list whose
-    item is the peak seen after any request for rows."""
-    nodes, peak = [], [0]
+def tracked_streams(monkeypatch):
+    """The row streams render builds from now on, in a list filled as they are made."""
+    nodes = []
     init = render._Rows.__init__
 
     def tracked_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         nodes.append(self)
+
+    monkeypatch.setattr(render._Rows, "__init__", tracked_init)
+    return nodes
+
+
+def held_bytes_peak(monkeypatch):
+    """Track the bytes of feature-map rows that render's row streams hold; returns a list whose
+    item is the peak seen after any request for rows."""
+    nodes, peak = tracked_streams(monkeypatch), [0]
 
     def tracked(get):
         def tracked_get(self, a, b):
@@ -78,7 +86,6 @@ def held_bytes_peak(monkeypatch):
             return rows
         return tracked_get
 
-    monkeypatch.setattr(render._Rows, "__init__", tracked_init)
     for cls in (render._Rows, render._CatRows, render._NormConvRows):
         monkeypatch.setattr(cls, "get", tracked(cls.__dict__["get"]))
     return peak
@@ -123,14 +130,7 @@ def test_every_map_is_dropped_once_its_last_consumer_has_passed(sane_model, monk
     by a convolution (released up to its bottom edge) nor the whole small maps of levels 3 to
     5 read by a transposed convolution, which would otherwise be held through every level
     above them."""
-    nodes = []
-    init = render._Rows.__init__
-
-    def tracked_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        nodes.append(self)
-
-    monkeypatch.setattr(render._Rows, "__init__", tracked_init)
+    nodes = tracked_streams(monkeypatch)
     packed = extract_bayer_channels(mosaic(np.random.default_rng(8), 256, 64))    # 128 x 32 packed
     render_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
     held = {f"{type(n).__name__} {getattr(getattr(n, 'layer', None), 'path', '')} ({n.height} rows)":
