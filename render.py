@@ -70,7 +70,9 @@ def pad_to_multiple(packed, multiple=16):
 # * a layer without instance norm is computed strip by strip and keeps only the rows its
 #   consumers still need (kernel-size - 1 rows, more across skip connections): with the
 #   reference's flags that is all of level 1 and level 0, the bulk of the compute and of
-#   the memory, never held for the whole frame;
+#   the memory, never held for the whole frame. A map read by several branches is computed
+#   once per strip, as far as the farthest-reaching branch reads (_look_ahead), and its rows
+#   across a seam are copied once for all of them (_Rows._merge);
 # * a layer with instance norm (levels 2 to 5) needs statistics over the whole frame: its
 #   pre-norm output is computed strip by strip and held, the mean and variance taken over
 #   all of it, then each strip is normalised (replacing the pre-norm one). A map is dropped
@@ -84,7 +86,7 @@ def pad_to_multiple(packed, multiple=16):
 # Zero padding is applied only at the frame's edges, and the output equals the whole-frame
 # one up to float rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the
 # work) is computed again rather than kept for the whole frame.
-# For a 12 MP frame at level 0 the peak RSS is 1.95 GiB (whole frame: 6.01 GiB), reached
+# For a 12 MP frame at level 0 the peak RSS is 1.98 GiB (whole frame: 5.97 GiB), reached
 # while the maps of level 2 are held, where oneDNN allocates through malloc (see
 # test_model.bound_memory); benchmarks/README.md, "Inference" has the figures.
 
@@ -153,6 +155,7 @@ class _Rows:
     """
 
     replay = False   # see _NormConvRows
+    merge = True     # see _merge; not for maps held whole
 
     def __init__(self, height, sources=()):
         self.height = height
@@ -162,6 +165,7 @@ class _Rows:
         self.hi = 0               # rows computed so far
         self.marks = {}
         self.step = height
+        self.ahead = 0            # rows produced beyond a request: see _look_ahead
         for source in self.sources:
             source.marks[id(self)] = 0
             source.consumers.append(self)
@@ -178,18 +182,32 @@ class _Rows:
         if a < (self.chunks[0][0] if self.chunks else self.hi):
             self._restart(a)
         if b > self.hi:
-            new = self.produce(self.hi, min(b, self.height))
+            new = self.produce(self.hi, min(b + self.ahead, self.height))
             end = self.hi + int(new.shape[0])
             self.chunks.append((self.hi, end, new))
             self.hi = end
         return self._rows(a, b)
 
     def _rows(self, a, b):
+        if not self.chunks or self.chunks[0][0] > a:
+            raise RuntimeError(f"rows {a} to {b} of a held map were dropped before their last use")
+        if self.merge and sum(start < b and end > a for start, end, _ in self.chunks) > 1:
+            self._merge(a)
+        return self._slice_rows(a, b)
+
+    def _merge(self, a):
+        """Join the rows still needed into one chunk when a request spans chunks: the
+        requests of sibling consumers around the same seam (the branches of a block, with
+        their different halos) are then slices of one copy instead of one copy each. Not
+        when a consumer far behind would make the copy much larger than the request."""
+        first = max(min(self.low(), a), self.chunks[0][0])
+        if self.hi - first <= 2 * (self.hi - a):
+            self.chunks = [(first, self.hi, self._slice_rows(first, self.hi))]
+
+    def _slice_rows(self, a, b):
         parts = [data if start >= a and end <= b else
                  tf.slice(data, [max(a, start) - start, 0, 0], [min(b, end) - max(a, start), -1, -1])
                  for start, end, data in self.chunks if start < b and end > a]
-        if not parts or self.chunks[0][0] > a:
-            raise RuntimeError(f"rows {a} to {b} of a held map were dropped before their last use")
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
     def _restart(self, a):
@@ -207,6 +225,12 @@ class _Rows:
         low = self.low()
         while self.chunks and self.chunks[0][1] <= low:
             self.chunks.pop(0)
+        if self.merge and not self.replay and self.chunks:
+            start, end, data = self.chunks[0]
+            if 2 * (low - start) >= end - start:
+                # the few rows still needed of a mostly passed chunk (those computed ahead, the
+                # halo of the next strip) are copied, so the chunk itself can go
+                self.chunks[0] = (low, end, tf.raw_ops.DeepCopy(x=data[low - start:]))
 
     def release(self, who, row):
         self.marks[id(who)] = row
@@ -346,7 +370,7 @@ class _NormConvRows(_ConvRows):
 
     def __init__(self, layer, source, replay=False):
         super().__init__(layer, source)
-        self.replay = replay
+        self.replay = self.merge = replay
         self.affine = None   # (multiplier, offset): normalisation and the layer's scale and shift
         self.folded = None   # replayed: (kernel, bias) with the normalisation folded in
 
@@ -469,7 +493,48 @@ def _graph_rows(output, packed):
     for node in nodes.values():  # a concatenation read whole is not held a second time
         if isinstance(node, _CatRows):
             node.virtual = any(_reads_whole(consumer) for consumer in node.consumers)
+    for node in nodes.values():
+        # a map read whole in steps (instance norm) would be joined into ever longer chunks
+        # that could not be dropped step by step
+        node.merge = node.merge and not any(_held_reader(c) or c.replay for c in node.consumers)
+    _look_ahead(nodes.values())
     return head, list(nodes.values())
+
+
+def _look_ahead(nodes):
+    """Set each map's ``ahead``: a map read by several streaming consumers is asked for rows
+    up to different ends within one output strip (a 3x3 branch 1 row past the strip, a 9x9
+    one 4), and would compute each request's few missing rows as a convolution of its own
+    (measured: three in four strip convolutions of a frame were 1 to 4 rows, 13% of the
+    time). Asked for rows, a map computes as far as the farthest of its consumers asks."""
+    far = {}
+
+    def asks(consumer):  # how far past an output strip's end ``consumer`` reads its source
+        if id(consumer) not in far:
+            streaming = [c for c in consumer.consumers if not _held_reader(c)]
+            far[id(consumer)] = max((_asked(c, asks(c)) for c in streaming), default=0)
+        return far[id(consumer)]
+
+    for node in nodes:
+        ends = [_asked(c, asks(c)) for c in node.consumers if not _held_reader(c)]
+        node.ahead = max(ends) - min(ends) if ends else 0
+
+
+def _held_reader(node):
+    """A consumer that reads its inputs whole, strip by strip, before any row is asked of it."""
+    return isinstance(node, _NormConvRows) and not node.replay or isinstance(node, _CatRows) and node.virtual
+
+
+def _asked(consumer, far):
+    """The rows past a strip's end that ``consumer`` asks of its source when asked ``far``
+    rows past it, in the source's rows."""
+    if isinstance(consumer, _ConvRows):
+        return far + consumer.layer.kernel_size // 2
+    if isinstance(consumer, _PoolRows):
+        return 2 * far
+    if isinstance(consumer, _UpRows):
+        return (far + 1) // 2 + 1
+    return far
 
 
 def _reads_whole(node):

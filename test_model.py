@@ -34,7 +34,7 @@ REFERENCE_CROP = (1472, 1984)
 #   a 3 MP photo, peaked at 2.51 GiB with bench_inference.py frame_packed=736x1024), so
 #   up to 640K packed pixels (~2.3 GiB);
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
-#   multiple of 8 rows: a 12 MP frame then peaks at 1.95 GiB, reached while the
+#   multiple of 8 rows: a 12 MP frame then peaks at 1.98 GiB, reached while the
 #   instance-normalised maps of level 2 are held (benchmarks/README.md, "Inference").
 WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
@@ -297,8 +297,8 @@ def main(argv):
 def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
-    of levels 2 to 5 for the rest of the run and fragments, about 2.5 GiB against 1.95 GiB
-    for a 12 MP frame, where malloc costs about 20% more time (332 s against 274 s;
+    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against 1.98 GiB
+    for a 12 MP frame, where malloc costs about 20% more time (295 s against 250 s;
     benchmarks/README.md, "Inference"). Takes effect only before TensorFlow starts; a
     user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")

@@ -138,6 +138,52 @@ def test_every_map_is_dropped_once_its_last_consumer_has_passed(sane_model, monk
     assert len(nodes) > 100 and not {name: rows for name, rows in held.items() if rows}
 
 
+def streamed_requests(monkeypatch):
+    """Per level-1 map without instance norm (a layer's path, a concatenation or a sum: its
+    node), the convolutions that computed its rows and the requests for rows that spanned
+    more than one of its chunks (each such request copies rows), counted during a render."""
+    convs, spanning = {}, {}
+    produce, rows = render._ConvRows.produce, render._Rows._rows
+
+    def counted_produce(self, a, b):
+        convs[self] = convs.get(self, 0) + 1
+        return produce(self, a, b)
+
+    def counted_rows(self, a, b):
+        if sum(start < b and end > a for start, end, _ in self.chunks) > 1:
+            spanning[self] = spanning.get(self, 0) + 1
+        return rows(self, a, b)
+
+    monkeypatch.setattr(render._ConvRows, "produce", counted_produce)
+    monkeypatch.setattr(render._Rows, "_rows", counted_rows)
+    return convs, spanning
+
+
+@pytest.mark.slow
+def test_a_map_read_by_several_branches_is_computed_and_copied_once_per_strip(sane_model, monkeypatch):
+    """The branches of a block read its input with different halos (1 to 4 rows past the strip
+    for 3x3 to 9x9): the input is computed once per strip, as far as the farthest branch reads,
+    not once per branch for the few rows each adds; and its rows around a strip's seam are
+    joined once, the other branches reading slices of that copy."""
+    convs, spanning = streamed_requests(monkeypatch)
+    nodes = tracked_streams(monkeypatch)
+    packed = extract_bayer_channels(mosaic(np.random.default_rng(9), 256, 64))    # 128 x 32 packed
+    got = render_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
+    np.testing.assert_allclose(got, sane_model(packed[None])[0][0].numpy(), atol=1e-4)
+    strips = 128 // 16
+    level_1 = [n for n in nodes if n.height == 128 and not n.replay]
+    shared = [n for n in level_1 if len(n.consumers) >= 3]      # block inputs read by 3-4 branches
+    assert len(shared) >= 5
+    # (conv_l1_d1's private copy for pool1 is computed again each time level 2 replays conv_l2_d1)
+    pooled = {source for pool in nodes if isinstance(pool, render._PoolRows) for source in pool.sources}
+    pooled |= {n for n in nodes if n.consumers and set(n.consumers) <= pooled}
+    computed = {n.layer.path: convs[n] for n in level_1 if isinstance(n, render._ConvRows) and n in convs
+                and n not in pooled}
+    assert len(computed) > 50 and max(computed.values()) <= strips + 1, computed
+    copies = {f"{type(n).__name__} read by {len(n.consumers)}": spanning.get(n, 0) for n in shared}
+    assert max(copies.values()) <= strips + 1, copies
+
+
 @pytest.mark.slow
 def test_any_size_renders_and_is_cropped_back(sane_model):
     rng = np.random.default_rng(6)
