@@ -155,7 +155,7 @@ class _Rows:
     """
 
     replay = False   # see _NormConvRows
-    merge = True     # see _merge; not for maps held whole
+    merge = False    # see _merge; set by _graph_rows for streamed maps
 
     def __init__(self, height, sources=()):
         self.height = height
@@ -191,7 +191,7 @@ class _Rows:
     def _rows(self, a, b):
         if not self.chunks or self.chunks[0][0] > a:
             raise RuntimeError(f"rows {a} to {b} of a held map were dropped before their last use")
-        if self.merge and sum(start < b and end > a for start, end, _ in self.chunks) > 1:
+        if self.merge and len(self._overlapping(a, b)) > 1:
             self._merge(a)
         return self._slice_rows(a, b)
 
@@ -204,10 +204,13 @@ class _Rows:
         if self.hi - first <= 2 * (self.hi - a):
             self.chunks = [(first, self.hi, self._slice_rows(first, self.hi))]
 
+    def _overlapping(self, a, b):
+        return [chunk for chunk in self.chunks if chunk[0] < b and chunk[1] > a]
+
     def _slice_rows(self, a, b):
         parts = [data if start >= a and end <= b else
                  tf.slice(data, [max(a, start) - start, 0, 0], [min(b, end) - max(a, start), -1, -1])
-                 for start, end, data in self.chunks if start < b and end > a]
+                 for start, end, data in self._overlapping(a, b)]
         return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
 
     def _restart(self, a):
@@ -225,7 +228,7 @@ class _Rows:
         low = self.low()
         while self.chunks and self.chunks[0][1] <= low:
             self.chunks.pop(0)
-        if self.merge and not self.replay and self.chunks:
+        if self.merge and self.chunks:
             start, end, data = self.chunks[0]
             if 2 * (low - start) >= end - start:
                 # the few rows still needed of a mostly passed chunk (those computed ahead, the
@@ -370,7 +373,7 @@ class _NormConvRows(_ConvRows):
 
     def __init__(self, layer, source, replay=False):
         super().__init__(layer, source)
-        self.replay = self.merge = replay
+        self.replay = replay
         self.affine = None   # (multiplier, offset): normalisation and the layer's scale and shift
         self.folded = None   # replayed: (kernel, bias) with the normalisation folded in
 
@@ -494,9 +497,10 @@ def _graph_rows(output, packed):
         if isinstance(node, _CatRows):
             node.virtual = any(_reads_whole(consumer) for consumer in node.consumers)
     for node in nodes.values():
-        # a map read whole in steps (instance norm) would be joined into ever longer chunks
-        # that could not be dropped step by step
-        node.merge = node.merge and not any(_held_reader(c) or c.replay for c in node.consumers)
+        # streamed maps only: a map with instance norm, or one read whole in steps by one,
+        # would be joined into ever longer chunks that could not be dropped step by step
+        node.merge = not isinstance(node, _NormConvRows) and not any(
+            _held_reader(c) or c.replay for c in node.consumers)
     _look_ahead(nodes.values())
     return head, list(nodes.values())
 
@@ -509,15 +513,17 @@ def _look_ahead(nodes):
     time). Asked for rows, a map computes as far as the farthest of its consumers asks."""
     far = {}
 
-    def asks(consumer):  # how far past an output strip's end ``consumer`` reads its source
-        if id(consumer) not in far:
-            streaming = [c for c in consumer.consumers if not _held_reader(c)]
-            far[id(consumer)] = max((_asked(c, asks(c)) for c in streaming), default=0)
-        return far[id(consumer)]
+    def ends(node):  # how far past an output strip's end each streaming consumer reads node
+        return [_asked(c, farthest(c)) for c in node.consumers if not _held_reader(c)]
+
+    def farthest(node):
+        if id(node) not in far:
+            far[id(node)] = max(ends(node), default=0)
+        return far[id(node)]
 
     for node in nodes:
-        ends = [_asked(c, asks(c)) for c in node.consumers if not _held_reader(c)]
-        node.ahead = max(ends) - min(ends) if ends else 0
+        reads = ends(node)
+        node.ahead = max(reads) - min(reads) if reads else 0
 
 
 def _held_reader(node):

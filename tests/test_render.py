@@ -139,9 +139,8 @@ def test_every_map_is_dropped_once_its_last_consumer_has_passed(sane_model, monk
 
 
 def streamed_requests(monkeypatch):
-    """Per level-1 map without instance norm (a layer's path, a concatenation or a sum: its
-    node), the convolutions that computed its rows and the requests for rows that spanned
-    more than one of its chunks (each such request copies rows), counted during a render."""
+    """Per row stream, counted during a render: the convolutions that computed its rows, and
+    the requests for rows that spanned more than one of its chunks (each such a copy)."""
     convs, spanning = {}, {}
     produce, rows = render._ConvRows.produce, render._Rows._rows
 
