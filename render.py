@@ -86,9 +86,12 @@ def pad_to_multiple(packed, multiple=16):
 # Zero padding is applied only at the frame's edges, and the output equals the whole-frame
 # one up to float rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the
 # work) is computed again rather than kept for the whole frame.
-# For a 12 MP frame at level 0 the peak RSS is 1.98 GiB (whole frame: 5.97 GiB), reached
+# For a 12 MP frame at level 0 the peak RSS is 1.97 GiB (whole frame: 5.95 GiB), reached
 # while the maps of level 2 are held, where oneDNN allocates through malloc (see
-# test_model.bound_memory); benchmarks/README.md, "Inference" has the figures.
+# test_model.bound_memory); benchmarks/README.md, "Inference" has the figures. Strips free
+# and allocate several times the whole frame's memory in blocks of 1-30 MiB, so faulting
+# them in costs more than for the whole frame: test_model.py runs malloc on huge pages
+# (utils.run_with_huge_pages), which brings the strips to 1.09x the whole frame's time.
 
 MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use taller strips
 

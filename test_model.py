@@ -34,7 +34,7 @@ REFERENCE_CROP = (1472, 1984)
 #   a 3 MP photo, peaked at 2.51 GiB with bench_inference.py frame_packed=736x1024), so
 #   up to 640K packed pixels (~2.3 GiB);
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
-#   multiple of 8 rows: a 12 MP frame then peaks at 1.98 GiB, reached while the
+#   multiple of 8 rows: a 12 MP frame then peaks at 1.97 GiB, reached while the
 #   instance-normalised maps of level 2 are held (benchmarks/README.md, "Inference").
 WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
@@ -279,6 +279,7 @@ def main(argv):
     if good:
         utils.remove_stale_temps(params["output_dir"])
         utils.select_cpu_kernels(training=False)
+        print(utils.huge_pages_note())
         configure_devices(params["use_gpu"])
         if deployed:
             import export_model
@@ -297,9 +298,9 @@ def main(argv):
 def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
-    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against 1.98 GiB
-    for a 12 MP frame, where malloc costs about 20% more time (295 s against 250 s;
-    benchmarks/README.md, "Inference"). Takes effect only before TensorFlow starts; a
+    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against 1.97 GiB
+    for a 12 MP frame, where malloc on huge pages (utils.run_with_huge_pages) is about as
+    fast (254 s against 250 s; benchmarks/README.md, "Inference"). Takes effect only before TensorFlow starts; a
     user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
@@ -326,5 +327,6 @@ def return_freed_memory(threshold=1 << 20):
 
 
 if __name__ == "__main__":
+    utils.run_with_huge_pages()
     bound_memory()
     sys.exit(utils.run(main))

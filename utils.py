@@ -708,3 +708,71 @@ def select_cpu_kernels(training: bool, smallest_batch: int = 1, out=print) -> No
             os.environ[ONEDNN_VARIABLE] = "1" if choice else "0"
     what = "TensorFlow's default" if choice is None else ("oneDNN" if choice else "TensorFlow's own (Eigen)")
     out(f"CPU kernels: {what} ({why})")
+
+
+# ---------------------------------------------------------------------------------------
+# Memory pages: glibc's malloc on transparent huge pages, chosen before the process starts
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_mode(path=_THP_SETTING) -> str:
+    """The kernel's transparent huge page mode (always, madvise or never); "" where unknown."""
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    match = re.search(r"\[(\w+)\]", text)
+    return match.group(1) if match else ""
+
+
+def huge_pages_environment(environ=None, libc=None, thp=None):
+    """The environment under which glibc's malloc backs its large blocks with transparent huge
+    pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), or None to leave the process as it is: not
+    Linux with glibc 2.35 or later (older ones ignore the tunable), huge pages turned off in
+    the kernel, or GLIBC_TUNABLES already naming the tunable (a user's value wins).
+
+    Why: rendering in strips frees and allocates tens of GB of feature-map blocks, each one
+    mapped afresh, and faulting them in 4 KiB pages is what made a 12 MP frame in strips
+    slower than the whole frame (benchmarks/README.md, "Inference")."""
+    environ = os.environ if environ is None else environ
+    if libc is None:
+        import platform
+
+        libc = platform.libc_ver() if sys.platform.startswith("linux") else ("", "")
+    name, version = libc
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if name != "glibc" or numbers < (2, 35):
+        return None
+    if (thp if thp is not None else thp_mode()) not in ("always", "madvise"):
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if HUGE_PAGES_TUNABLE in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"]))}
+
+
+def run_with_huge_pages() -> None:
+    """Start this script again, same interpreter and arguments, with glibc's malloc on huge
+    pages where huge_pages_environment says so (glibc reads its tunables only at start-up);
+    otherwise return. Call first thing in ``__main__``, before anything is printed."""
+    environment = huge_pages_environment()
+    if environment is None:
+        return
+    try:
+        sys.stdout.flush()
+        os.execve(sys.executable, list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)), environment)
+    except OSError:
+        return  # no re-exec: the run goes on with 4 KiB pages
+
+
+def huge_pages_note(environ=None) -> str:
+    """One line saying whether malloc runs on huge pages in this process, for the scripts' log."""
+    environ = os.environ if environ is None else environ
+    match = re.search(rf"{re.escape(HUGE_PAGES_TUNABLE)}=(\d+)", environ.get("GLIBC_TUNABLES", ""))
+    if match and match.group(1) != "0":
+        return (f"Memory: malloc on transparent huge pages (GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}="
+                f"{match.group(1)}; {HUGE_PAGES_TUNABLE}=0 turns it off)")
+    return "Memory: malloc on 4 KiB pages"

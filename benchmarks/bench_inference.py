@@ -18,7 +18,8 @@ own, and prints one line. The parts:
 * frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed; ``frame_packed=`` sets another
   size) rendered at level 0 as test_model.py does, in strips (automatic height, or each of
   ``frame_rows``; 0 is the whole frame), with each of oneDNN's allocators of
-  ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory); with
+  ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory) and malloc's pages of
+  ``frame_pages`` (huge: as test_model.py starts itself, utils.run_with_huge_pages); with
   ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
 * deploy: the exported models (export_model.py) against test_model.py's own path
   (test_model.render, level 0), on a 448x448 mosaic (one 224x224 packed patch) and a
@@ -67,6 +68,7 @@ SETTINGS = {
     "in_affine": ("tf.function, instance norm as x * a + b with a, b from tf.nn.moments", {}),
 }
 ALLOCATORS = {"system": "1", "pool": "0"}   # TF_ONEDNN_USE_SYSTEM_ALLOCATOR (used where oneDNN is on)
+PAGES = ("huge", "small")   # malloc on transparent huge pages (test_model.py's default where it can) or not
 DEFAULT_SETTINGS = "keras,function,eager,xla,bias_add,in_fused_bn,in_affine,inter_op_1,intra_op_1,onednn,no_onednn"
 PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
 FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
@@ -110,6 +112,8 @@ SPEC = [
     utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto, or a list such as 32,64"),
     utils.Arg("frame_allocator", str, "system,pool", "allocators of oneDNN for the frame: system "
               "(malloc, test_model.py's default) and/or pool (its own, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0)"),
+    utils.Arg("frame_pages", str, "huge", "malloc's pages for the frame: huge (transparent huge pages, as "
+              "test_model.py runs where glibc and the kernel allow: utils.run_with_huge_pages) and/or small (4 KiB)"),
     utils.Arg("frame_packed", str, "x".join(map(str, FRAME_PACKED)), "the frame's size in packed pixels "
               "(HEIGHTxWIDTH, multiples of 16; the default is a 12 MP photo)"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
@@ -383,6 +387,16 @@ CHILDREN = {"peak": child_peak, "patches": child_patches, "frame": child_frame,
             "deploy_export": child_deploy_export, "deploy_run": child_deploy_run}
 
 
+def pages_environment(page):
+    """Environment variables for a frame child on ``page`` pages: huge ones as test_model.py
+    sets them (nothing where this machine cannot), 4 KiB ones by turning the tunable off."""
+    if page == "small":
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        return {"GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{utils.HUGE_PAGES_TUNABLE}=0"]))}
+    environment = utils.huge_pages_environment()
+    return {} if environment is None else {"GLIBC_TUNABLES": environment["GLIBC_TUNABLES"]}
+
+
 def spawn(part, timeout, env=None, **args):
     """Run one measurement in a fresh process; its result, or {"error": ...}."""
     command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps({"part": part, **args})]
@@ -426,6 +440,7 @@ def machine():
         litert = "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
             "keras": __import__("keras").__version__, "ai_edge_litert": litert,
+            "glibc": " ".join(platform.libc_ver()), "transparent_huge_pages": utils.thp_mode() or "unknown",
             "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
 
 
@@ -436,12 +451,14 @@ def main(argv):
               "repeats": args["repeats"]}
     settings = _names(args["settings"], SETTINGS, "settings")
     allocators = _names(args["frame_allocator"], ALLOCATORS, "frame_allocator")
+    pages = _names(args["frame_pages"], PAGES, "frame_pages")
     rows = _rows(args["frame_rows"])
     frame = _frame(args["frame_packed"])
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, AVX-512 {'yes' if info['avx512f'] else 'no'}, "
           f"oneDNN {info['onednn']}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
           f"ai-edge-litert {info['ai_edge_litert']}, Python {info['python']}, "
+          f"{info['glibc']}, transparent huge pages {info['transparent_huge_pages']}, "
           f"load average {info['load_average'][0]:.2f} at the start (other jobs make rates lower)")
     results = {"machine": info}
     peak = None
@@ -474,18 +491,19 @@ def main(argv):
         print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({megapixels:.1f} MP) -> RGB, "
               f"level 0, test_model.render:")
         results["frame"] = []
-        for r_rows, allocator in [(r, a) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators]:
-            env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator]}
+        runs = [(r, a, p) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators for p in pages]
+        for r_rows, allocator, page in runs:
+            env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator], **pages_environment(page)}
             r = spawn("frame", args["timeout"], env, rows=r_rows, packed=frame)
             r.setdefault("rows", r_rows)
-            r["allocator"] = allocator
+            r["allocator"], r["pages"] = allocator, page
             results["frame"].append(r)
-            label = ("whole frame" if str(r_rows) == "0" else f"strips of {r['rows']} rows") + f", {allocator}"
+            label = ("whole frame" if str(r_rows) == "0" else f"strips of {r['rows']} rows") + f", {allocator}, {page}"
             if "error" in r:
-                print(f"  {label:<30} {r['error']}")
+                print(f"  {label:<36} {r['error']}")
                 continue
             share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
-            print(f"  {label:<30} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
+            print(f"  {label:<36} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
                   f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
     if "deploy" in parts:
         print("\nexported models (export_model.py) against test_model.py's own path, one mosaic at a time:")

@@ -155,3 +155,80 @@ def test_read_mosaic_rejects_colour_images_and_missing_files(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(utils.UserError, match="broken.png: cannot read the PNG"):
         utils.read_mosaic(str(tmp_path / "broken.png"))
+
+
+# glibc's malloc on transparent huge pages (utils.run_with_huge_pages, test_model.py's start)
+
+GLIBC = ("glibc", "2.36")
+
+
+def test_huge_pages_are_asked_for_only_where_glibc_and_the_kernel_can_give_them():
+    env = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    chosen = utils.huge_pages_environment(env, GLIBC, "madvise")
+    assert chosen == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
+    assert utils.huge_pages_environment({}, ("glibc", "2.39"), "always")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert utils.huge_pages_environment({}, ("glibc", "2.31"), "madvise") is None   # no such tunable before 2.35
+    assert utils.huge_pages_environment({}, ("", ""), "madvise") is None            # musl, macOS, Windows
+    assert utils.huge_pages_environment({}, GLIBC, "never") is None
+    assert utils.huge_pages_environment({}, GLIBC, "") is None                      # no THP in this kernel
+    # a user's value wins (and a process started again with the tunable is not started a third time)
+    assert utils.huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise") is None
+
+
+def test_thp_mode_reads_the_kernels_bracketed_choice(tmp_path):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    assert utils.thp_mode(str(setting)) == "madvise"
+    setting.write_text("[always] madvise never\n")
+    assert utils.thp_mode(str(setting)) == "always"
+    assert utils.thp_mode(str(tmp_path / "missing")) == ""
+
+
+# Started as a script: runs itself again on huge pages, then mallocs 64 MiB through glibc (as
+# TensorFlow's CPU allocator does), writes it, and reports the huge pages mapped meanwhile.
+HUGE_PAGE_SCRIPT = """
+import ctypes, os, sys
+sys.path.insert(0, {root!r})
+import utils
+print("start", sys.argv[1:], flush=True)
+if __name__ == "__main__":
+    utils.run_with_huge_pages()
+
+def huge_kib():
+    with open("/proc/self/smaps_rollup") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("AnonHugePages"))
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+before = huge_kib()
+block = libc.malloc(64 << 20)
+ctypes.memset(block, 1, 64 << 20)
+print("huge", huge_kib() - before)
+print(utils.huge_pages_note())
+"""
+
+
+def run_huge_page_script(tmp_path, **env):
+    script = tmp_path / "pages.py"
+    script.write_text(HUGE_PAGE_SCRIPT.format(root=str(ROOT)))
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    proc = subprocess.run([sys.executable, str(script), "a=1", "b=two words"], env={**environment, **env},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.skipif(utils.huge_pages_environment({}) is None,
+                    reason="this machine's glibc or kernel has no transparent huge pages for malloc")
+def test_a_script_started_on_huge_pages_runs_again_once_with_its_arguments_and_gets_them(tmp_path):
+    lines = run_huge_page_script(tmp_path)
+    assert lines[:2] == ["start ['a=1', 'b=two words']"] * 2   # started again once, same arguments
+    assert int(lines[2].split()[1]) >= 2048                      # the block sits at least partly on 2 MiB pages
+    assert lines[3].startswith("Memory: malloc on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
+    # turned off by the user: not started again, and (where the kernel only gives huge pages to
+    # those who ask) the block is on 4 KiB pages
+    lines = run_huge_page_script(tmp_path, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+    assert lines[0] == "start ['a=1', 'b=two words']" and lines[1].startswith("huge")
+    if utils.thp_mode() == "madvise":
+        assert int(lines[1].split()[1]) == 0
+    assert lines[2] == "Memory: malloc on 4 KiB pages"
