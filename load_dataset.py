@@ -512,17 +512,23 @@ class PlanBatches:
     """
 
     def __init__(self, make_plan, batch_size):
+        import threading
+
         self.make_plan, self.batch_size = make_plan, batch_size
         self.plan, self.next_number = None, None
+        # two live iterators (one still prefetching) call from tf.data's threads at once: one
+        # batch is cut at a time, or they would draw from the shared stream in between
+        self.lock = threading.Lock()
 
     def batch(self, number):
         number = int(number)
-        if self.plan is None or number < self.next_number:
-            self.plan, self.next_number = self.make_plan(), 0
-        for _ in range((number - self.next_number) * self.batch_size):  # skipped: drawn, never read
-            next(self.plan)
-        self.next_number = number + 1
-        return np.stack([next(self.plan) for _ in range(self.batch_size)])
+        with self.lock:
+            if self.plan is None or number < self.next_number:
+                self.plan, self.next_number = self.make_plan(), 0
+            for _ in range((number - self.next_number) * self.batch_size):  # skipped: drawn, never read
+                next(self.plan)
+            self.next_number = number + 1
+            return np.stack([next(self.plan) for _ in range(self.batch_size)])
 
 
 def train_dataset(dataset_dir, level, batch_size, train_size=5000, whole=False, patch=PATCH, seed=0,

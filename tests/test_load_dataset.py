@@ -285,6 +285,32 @@ def test_plan_batches_cut_the_plan_by_batch_number():
         np.testing.assert_array_equal(batches.batch(number), expected[number])
 
 
+def test_plan_batches_cut_from_two_threads_at_once_are_each_their_own_batch():
+    import threading
+    import time
+
+    def plan():
+        for value in ld.train_plan(np.arange(10, 17), batch_size=3, train_size=5, seed=4, refresh_every=2):
+            time.sleep(0)  # let the other thread in between draws, as tf.data's threads do
+            yield value
+
+    stream = plan()
+    expected = [np.stack([next(stream) for _ in range(3)]) for _ in range(40)]
+    batches, wrong = ld.PlanBatches(plan, 3), []
+
+    def reader(numbers):
+        for number in numbers:
+            if not np.array_equal(batches.batch(number), expected[number]):
+                wrong.append(number)
+
+    threads = [threading.Thread(target=reader, args=(list(range(first, 40, 2)) * 3,)) for first in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+
+
 def test_two_iterators_over_one_pipeline_see_the_same_stream(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
     dataset, _ = ld.train_dataset(root, 5, batch_size=4, train_size=8, seed=3, verbose=False)
