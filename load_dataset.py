@@ -512,8 +512,6 @@ class PlanBatches:
     """
 
     def __init__(self, make_plan, batch_size):
-        import threading
-
         self.make_plan, self.batch_size = make_plan, batch_size
         self.plan, self.next_number = None, None
         # two live iterators (one still prefetching) call from tf.data's threads at once: one

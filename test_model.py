@@ -300,8 +300,8 @@ def bound_memory():
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
     of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against 1.97 GiB
     for a 12 MP frame, where malloc on huge pages (utils.run_with_huge_pages) is about as
-    fast (254 s against 250 s; benchmarks/README.md, "Inference"). Takes effect only before TensorFlow starts; a
-    user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
+    fast (254 s against 250 s; benchmarks/README.md, "Inference"). Takes effect only before
+    TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
 

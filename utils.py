@@ -748,10 +748,15 @@ def huge_pages_environment(environ=None, libc=None, thp=None):
         return None
     if (thp if thp is not None else thp_mode()) not in ("always", "madvise"):
         return None
-    tunables = environ.get("GLIBC_TUNABLES", "")
-    if HUGE_PAGES_TUNABLE in tunables:
+    if HUGE_PAGES_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"]))}
+    return {**environ, "GLIBC_TUNABLES": tunables_with_huge_pages(1, environ)}
+
+
+def tunables_with_huge_pages(value: int, environ=None) -> str:
+    """GLIBC_TUNABLES of ``environ`` with glibc.malloc.hugetlb=``value`` added (the last wins)."""
+    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    return ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}={value}"]))
 
 
 def run_with_huge_pages() -> None:

@@ -391,8 +391,7 @@ def pages_environment(page):
     """Environment variables for a frame child on ``page`` pages: huge ones as test_model.py
     sets them (nothing where this machine cannot), 4 KiB ones by turning the tunable off."""
     if page == "small":
-        tunables = os.environ.get("GLIBC_TUNABLES", "")
-        return {"GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{utils.HUGE_PAGES_TUNABLE}=0"]))}
+        return {"GLIBC_TUNABLES": utils.tunables_with_huge_pages(0)}
     environment = utils.huge_pages_environment()
     return {} if environment is None else {"GLIBC_TUNABLES": environment["GLIBC_TUNABLES"]}
 
