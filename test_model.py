@@ -34,7 +34,7 @@ REFERENCE_CROP = (1472, 1984)
 #   a 3 MP photo, peaked at 2.51 GiB with bench_inference.py frame_packed=736x1024), so
 #   up to 640K packed pixels (~2.3 GiB);
 # * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
-#   multiple of 8 rows: a 12 MP frame then peaks at 1.97 GiB, reached while the
+#   multiple of 8 rows: a 12 MP frame then peaks at 1.92 GiB, reached while the
 #   instance-normalised maps of level 2 are held (benchmarks/README.md, "Inference").
 WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
@@ -186,6 +186,15 @@ def auto_tile_size(height: int, width: int) -> int:
     return int(min(MAX_STRIP_ROWS, max(MIN_STRIP_ROWS, rows)))
 
 
+def strip_rows(mosaic_shape, tile_size=None, crop: str = "none") -> int:
+    """The packed rows per strip that render uses for a mosaic of ``mosaic_shape`` (0: the
+    whole frame at once), known before the mosaic is read."""
+    if tile_size is not None:
+        return tile_size
+    height, width = REFERENCE_CROP if crop == "reference" else (mosaic_shape[0] // 2, mosaic_shape[1] // 2)
+    return auto_tile_size(-(-height // 16) * 16, -(-width // 16) * 16)
+
+
 def render(model, mosaic, level: int, tile_size=None, crop: str = "none", progress=None):
     """Run ``model`` (built for ``level`` or lower) on a 2-D Bayer mosaic of any size. The
     packed input is padded to a multiple of 16 (mirrored) and the output cropped back.
@@ -200,7 +209,7 @@ def render(model, mosaic, level: int, tile_size=None, crop: str = "none", progre
     padded, (height, width) = pad_to_multiple(pack(mosaic, crop))
     scale = 2.0 / 2 ** level
     out_height, out_width = int(height * scale), int(width * scale)
-    rows = auto_tile_size(*padded.shape[:2]) if tile_size is None else tile_size
+    rows = strip_rows(mosaic.shape, tile_size, crop)
     if rows == 0:
         output = level_function(model, level)(padded[None])[0].numpy()
         if progress is not None:
@@ -251,20 +260,18 @@ def render_files(model, files, params, iteration, failed=None) -> list:
     return written
 
 
-def checked_inputs(files, failed) -> list:
-    """The inputs that pass check_mosaic_file; the others reported and appended to ``failed``
-    (a single input's problem is its own error)."""
-    good = []
+def checked_inputs(files, failed) -> dict:
+    """The inputs that pass check_mosaic_file, each with its PNG header; the others reported
+    and appended to ``failed`` (a single input's problem is its own error)."""
+    good = {}
     for path in files:
         try:
-            check_mosaic_file(path)
+            good[path] = check_mosaic_file(path)
         except UserError as err:
             if len(files) == 1:
                 raise
             failed.append(path)
             print(f"warning: {err}", file=sys.stderr)
-            continue
-        good.append(path)
     return good
 
 
@@ -287,8 +294,10 @@ def main(argv):
             model = export_model.load_for_rendering(params["model"], params["bits"], params["stretch"])
             params, iteration = {**params, "level": model.level}, model.iteration
         else:
+            if any(strip_rows((h["height"], h["width"]), params["tile_size"], params["crop"]) for h in good.values()):
+                return_freed_memory()   # before the checkpoint is restored: see there
             model = load_model(params["level"], prefix)
-        render_files(model, good, params, iteration, failed if len(files) > 1 else None)
+        render_files(model, list(good), params, iteration, failed if len(files) > 1 else None)
     if failed:
         first = next(p for p in files if p in failed)
         raise UserError(f"{len(failed)} of {len(files)} mosaics could not be rendered (first: {first}; "
@@ -298,9 +307,9 @@ def main(argv):
 def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
-    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against 1.97 GiB
+    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against under 2 GiB
     for a 12 MP frame, where malloc on huge pages (utils.run_with_huge_pages) is about as
-    fast (254 s against 250 s; benchmarks/README.md, "Inference"). Takes effect only before
+    fast (250 s for the pool; benchmarks/README.md, "Inference"). Takes effect only before
     TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
@@ -313,7 +322,12 @@ def return_freed_memory(threshold=1 << 20):
     system when freed. By default glibc raises that threshold up to 32 MiB as large blocks are
     freed, then keeps the strips of feature maps (1 to 30 MiB) in its heaps, where
     fragmentation holds freed memory in the process: a 12 MP frame's trunk then peaks at
-    2.9 GiB instead of 2.2 GiB. Once per process; nothing where there is no glibc."""
+    2.9 GiB instead of 2.2 GiB. test_model.py sets it before the checkpoint is restored when
+    a frame will go in strips: restoring frees 190 MB of blocks of up to 9 MiB, which raises
+    the threshold, and the weights' copies then sit in the heaps among the freed blocks; a
+    quarter frame peaked at 1.35 GiB that way against 1.16 GiB (benchmarks/README.md). Not
+    for small frames rendered whole: mmapping each of their maps afresh costs about 10% per
+    photo. Once per process; nothing where there is no glibc."""
     if _MALLOC_SET:
         return
     _MALLOC_SET.append(threshold)

@@ -1,6 +1,6 @@
 """Inference speed and memory of PyNET on this machine (benchmarks/README.md, "Inference").
 
-    python benchmarks/bench_inference.py                             # peak, patches, frame: ~35 min on 2 cores
+    python benchmarks/bench_inference.py                             # peak, patches, frame: ~40 min on 2 cores
     python benchmarks/bench_inference.py parts=peak,patches settings=function,xla batch=2
     python benchmarks/bench_inference.py parts=frame frame_rows=16,24,48
     python benchmarks/bench_inference.py parts=deploy repeats=2       # exported models, ~25 min
@@ -21,6 +21,9 @@ own, and prints one line. The parts:
   ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory) and malloc's pages of
   ``frame_pages`` (huge: as test_model.py starts itself, utils.run_with_huge_pages); with
   ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
+  With ``frame_cli=true`` (the default) also ``test_model.py level=0`` itself on the frame
+  written as a PNG, with a level-0 checkpoint of the same weights, as a user runs it: its
+  wall time (start-up, reading and writing included) and the whole process's peak RSS.
 * deploy: the exported models (export_model.py) against test_model.py's own path
   (test_model.render, level 0), on a 448x448 mosaic (one 224x224 packed patch) and a
   1024x1024 one (``deploy_sizes``): the SavedModel's serving signature, and the TFLite model
@@ -41,6 +44,8 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,6 +122,7 @@ SPEC = [
     utils.Arg("frame_packed", str, "x".join(map(str, FRAME_PACKED)), "the frame's size in packed pixels "
               "(HEIGHTxWIDTH, multiples of 16; the default is a 12 MP photo)"),
     utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
+    utils.Arg("frame_cli", utils.BOOL, True, "also run test_model.py on the frame as a PNG with a checkpoint"),
     utils.Arg("deploy", str, ",".join(DEPLOY), f"ways to run for parts=deploy ({', '.join(DEPLOY)})"),
     utils.Arg("deploy_sizes", str, "448x448,1024x1024", "mosaic sizes for parts=deploy (HEIGHTxWIDTH, "
               "multiples of 2; 448x448 is one 224x224 packed patch)"),
@@ -247,17 +253,24 @@ def child_patches(args):
             "gmac_per_s": macs / best / 1e9, "peak_rss_mib": peak_rss_mib()}
 
 
-def child_frame(args):
+def frame_mosaic(height, width):
+    """The benchmark's mosaic for a frame of ``height`` x ``width`` packed pixels."""
     import numpy as np
 
+    return np.random.default_rng(2).integers(0, 1024, (2 * height, 2 * width)).astype(np.uint16)
+
+
+def child_frame(args):
     import test_model
     from macs import conv_macs
 
-    model = sane_model()
     height, width = args["packed"]
-    mosaic = np.random.default_rng(2).integers(0, 1024, (2 * height, 2 * width)).astype(np.uint16)
+    mosaic = frame_mosaic(height, width)
     rows = str(args["rows"])
     tile_size = None if rows == "auto" else int(rows)
+    if test_model.strip_rows(mosaic.shape, tile_size):
+        test_model.return_freed_memory()   # as test_model.py does, before the weights exist
+    model = sane_model()
     start = time.perf_counter()
     image = test_model.render(model, mosaic, 0, tile_size)
     seconds = time.perf_counter() - start
@@ -265,6 +278,38 @@ def child_frame(args):
     return {"rows": test_model.auto_tile_size(height, width) if tile_size is None else tile_size, "seconds": seconds,
             "mp_per_s": image.shape[0] * image.shape[1] / seconds / 1e6, "gmac_per_s": macs / seconds / 1e9,
             "tmac": macs / 1e12, "peak_rss_mib": peak_rss_mib()}
+
+
+def child_cli_files(args):
+    """The frame as a PNG mosaic and a level-0 checkpoint of sane_model's weights, in args["folder"]."""
+    from model import save_checkpoint
+
+    folder = args["folder"]
+    save_checkpoint(sane_model(), utils.checkpoint_prefix(os.path.join(folder, "models"), 0, 1000))
+    utils.write_png(os.path.join(folder, "frame.png"), frame_mosaic(*args["packed"]))
+    return {"folder": folder}
+
+
+def measure_cli(folder, env, timeout):
+    """test_model.py level=0 on the files of child_cli_files, as a user runs it: wall seconds and
+    the peak RSS of that process alone (os.wait4, not the children's maximum so far)."""
+    command = [sys.executable, os.path.join(ROOT, "test_model.py"), "level=0", f"input={folder}/frame.png",
+               f"models_dir={folder}/models", f"output_dir={folder}/out"]
+    os.makedirs(os.path.join(folder, "out"), exist_ok=True)
+    with open(os.path.join(folder, "stderr.txt"), "w+") as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env={**os.environ, **env})
+        watchdog = threading.Timer(timeout, process.kill)
+        watchdog.start()
+        _, status, usage = os.wait4(process.pid, 0)
+        watchdog.cancel()
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode != 0:
+            errors.seek(0)
+            lines = errors.read().strip().splitlines() or [f"exit {process.returncode}"]
+            return {"error": f"abandoned after {timeout} s" if seconds >= timeout else lines[-1]}
+    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def deploy_mosaic(height, width):
@@ -383,7 +428,7 @@ def measure_deploy(args, timeout):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-CHILDREN = {"peak": child_peak, "patches": child_patches, "frame": child_frame,
+CHILDREN = {"peak": child_peak, "patches": child_patches, "frame": child_frame, "cli_files": child_cli_files,
             "deploy_export": child_deploy_export, "deploy_run": child_deploy_run}
 
 
@@ -443,6 +488,28 @@ def machine():
             "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
 
 
+def measure_frame_cli(frame, allocators, pages, timeout):
+    print("  test_model.py level=0 on the frame as a PNG, with a level-0 checkpoint (wall time of the process):")
+    with tempfile.TemporaryDirectory(prefix="bench_cli_") as folder:
+        made = spawn("cli_files", timeout, folder=folder, packed=frame)
+        if "error" in made:
+            print(f"    cannot write the files: {made['error']}")
+            return [made]
+        results = []
+        for allocator, page in [(a, p) for a in allocators for p in pages]:
+            # huge pages: nothing to set, test_model.py starts itself again with them
+            env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator],
+                   **(pages_environment(page) if page == "small" else {})}
+            r = {"allocator": allocator, "pages": page, **measure_cli(folder, env, timeout)}
+            results.append(r)
+            label = f"test_model.py, {allocator}, {page}"
+            if "error" in r:
+                print(f"  {label:<36} {r['error']}")
+            else:
+                print(f"  {label:<36} {r['seconds']:7.1f} s  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB")
+        return results
+
+
 def main(argv):
     args = utils.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
     parts = _names(args["parts"], ("peak", "patches", "frame", "deploy"), "parts")
@@ -497,13 +564,16 @@ def main(argv):
             r.setdefault("rows", r_rows)
             r["allocator"], r["pages"] = allocator, page
             results["frame"].append(r)
-            label = ("whole frame" if str(r_rows) == "0" else f"strips of {r['rows']} rows") + f", {allocator}, {page}"
+            shape = "whole frame" if str(r["rows"]) == "0" else f"strips of {r['rows']} rows"
+            label = f"{shape}, {allocator}, {page}"
             if "error" in r:
                 print(f"  {label:<36} {r['error']}")
                 continue
             share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
             print(f"  {label:<36} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
                   f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
+        if args["frame_cli"]:
+            results["frame_cli"] = measure_frame_cli(frame, allocators, pages, args["timeout"])
     if "deploy" in parts:
         print("\nexported models (export_model.py) against test_model.py's own path, one mosaic at a time:")
         results["deploy"] = measure_deploy(deploy, args["timeout"])

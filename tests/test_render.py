@@ -280,6 +280,62 @@ def test_automatic_choice_bounds_the_pixels_held():
     assert test_model.auto_tile_size(16, 100000) == test_model.MIN_STRIP_ROWS
 
 
+@pytest.mark.parametrize("shape, tile_size, crop", [
+    ((448, 448), None, "none"), ((450, 454), None, "none"), ((1296, 2048), None, "none"),
+    ((1294, 2046), None, "none"), ((2976, 3968), None, "none"), ((2976, 3968), None, "reference"),
+    ((2976, 3968), 0, "none"), ((448, 448), 24, "none")])
+def test_strip_rows_is_what_render_will_choose(shape, tile_size, crop, monkeypatch):
+    """test_model.py decides before reading any mosaic; render decides on the padded packing."""
+    import tensorflow as tf
+
+    chosen = []
+
+    def whole(model, level):
+        def run(x):
+            chosen.append(0)
+            return tf.zeros((1, 2 * x.shape[1], 2 * x.shape[2], 3))
+        return run
+
+    def strips(model, level, padded, rows, out_height, progress):
+        chosen.append(rows)
+        return np.zeros((2 * padded.shape[0], 2 * padded.shape[1], 3), np.float32)
+
+    monkeypatch.setattr(render, "level_function", whole)
+    monkeypatch.setattr(render, "render_in_strips", strips)
+    monkeypatch.setattr(test_model, "return_freed_memory", lambda: None)
+    test_model.render(None, np.zeros(shape, np.uint16), 0, tile_size, crop)
+    assert chosen == [test_model.strip_rows(shape, tile_size, crop)]
+    large = shape[0] * shape[1] > 4 * test_model.WHOLE_FRAME_PIXELS
+    assert (chosen[0] > 0) == (large if tile_size is None else tile_size > 0)
+
+
+class _Drawn:
+    """A stand-in for a loaded model that draws a grey picture (test_model.render's exported path)."""
+
+    def render_mosaic(self, mosaic, crop, progress):
+        return np.full((mosaic.shape[0], mosaic.shape[1], 3), 0.5, np.float32)
+
+
+@pytest.mark.parametrize("shape, tile_size, expected", [
+    ((1296, 2048), "none", ["malloc", "load"]), ((64, 64), "none", ["load"]),
+    ((64, 64), "16", ["malloc", "load"]), ((1296, 2048), "0", ["load"])])
+def test_mallocs_threshold_is_set_before_the_weights_when_a_frame_goes_in_strips(shape, tile_size, expected,
+                                                                                 tmp_path, monkeypatch):
+    """Set afterwards, the restored weights sit among freed heap blocks and the strips peak
+    higher (test_model.return_freed_memory); set for small frames, each photo is slower."""
+    import utils
+
+    calls = []
+    monkeypatch.setattr(test_model, "return_freed_memory", lambda: calls.append("malloc"))
+    monkeypatch.setattr(test_model, "load_model", lambda level, prefix: calls.append("load") or _Drawn())
+    monkeypatch.setattr(checkpoints, "resolve", lambda params: ("unused", "1"))
+    utils.write_png(str(tmp_path / "frame.png"), np.zeros(shape, np.uint16))
+    utils.run(test_model.main, ["level=0", f"input={tmp_path / 'frame.png'}", f"output_dir={tmp_path / 'out'}",
+                                f"tile_size={tile_size}"])
+    assert calls == expected
+    assert (tmp_path / "out" / "frame_level_0_iteration_1.png").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # the script
 
