@@ -186,13 +186,27 @@ def auto_tile_size(height: int, width: int) -> int:
     return int(min(MAX_STRIP_ROWS, max(MIN_STRIP_ROWS, rows)))
 
 
+def packed_shape(mosaic_shape, crop: str = "none") -> tuple:
+    """(height, width) of pack's output for a mosaic of ``mosaic_shape``, before padding."""
+    return REFERENCE_CROP if crop == "reference" else (mosaic_shape[0] // 2, mosaic_shape[1] // 2)
+
+
 def strip_rows(mosaic_shape, tile_size=None, crop: str = "none") -> int:
     """The packed rows per strip that render uses for a mosaic of ``mosaic_shape`` (0: the
     whole frame at once), known before the mosaic is read."""
     if tile_size is not None:
         return tile_size
-    height, width = REFERENCE_CROP if crop == "reference" else (mosaic_shape[0] // 2, mosaic_shape[1] // 2)
+    height, width = packed_shape(mosaic_shape, crop)
+    # as render.pad_to_multiple pads (not imported here: render.py starts TensorFlow)
     return auto_tile_size(-(-height // 16) * 16, -(-width // 16) * 16)
+
+
+def return_freed_memory_for(mosaic_shapes, tile_size=None, crop: str = "none") -> None:
+    """return_freed_memory if any mosaic of ``mosaic_shapes`` will be rendered in strips; call
+    it before the checkpoint is restored (see return_freed_memory for why, and why not for
+    small frames)."""
+    if any(strip_rows(shape, tile_size, crop) for shape in mosaic_shapes):
+        return_freed_memory()
 
 
 def render(model, mosaic, level: int, tile_size=None, crop: str = "none", progress=None):
@@ -227,8 +241,7 @@ def output_path(results_dir: str, mosaic_path: str, level: int, iteration: str) 
 
 def output_rows(mosaic_shape, level: int, crop: str = "none") -> int:
     """Rows of the rendered picture of a mosaic of ``mosaic_shape``."""
-    packed_height = REFERENCE_CROP[0] if crop == "reference" else mosaic_shape[0] // 2
-    return int(packed_height * 2.0 / 2 ** level)
+    return int(packed_shape(mosaic_shape, crop)[0] * 2.0 / 2 ** level)
 
 
 def render_files(model, files, params, iteration, failed=None) -> list:
@@ -294,8 +307,8 @@ def main(argv):
             model = export_model.load_for_rendering(params["model"], params["bits"], params["stretch"])
             params, iteration = {**params, "level": model.level}, model.iteration
         else:
-            if any(strip_rows((h["height"], h["width"]), params["tile_size"], params["crop"]) for h in good.values()):
-                return_freed_memory()   # before the checkpoint is restored: see there
+            shapes = [(header["height"], header["width"]) for header in good.values()]
+            return_freed_memory_for(shapes, params["tile_size"], params["crop"])
             model = load_model(params["level"], prefix)
         render_files(model, list(good), params, iteration, failed if len(files) > 1 else None)
     if failed:

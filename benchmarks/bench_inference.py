@@ -268,8 +268,7 @@ def child_frame(args):
     mosaic = frame_mosaic(height, width)
     rows = str(args["rows"])
     tile_size = None if rows == "auto" else int(rows)
-    if test_model.strip_rows(mosaic.shape, tile_size):
-        test_model.return_freed_memory()   # as test_model.py does, before the weights exist
+    test_model.return_freed_memory_for([mosaic.shape], tile_size)   # as test_model.py, before the weights
     model = sane_model()
     start = time.perf_counter()
     image = test_model.render(model, mosaic, 0, tile_size)
