@@ -1,32 +1,98 @@
-"""Checkpoint files on disk: read whole and verified, written all or nothing, one run per folder.
+"""Checkpoint files: their names, read whole and verified, written all or nothing, and the
+mapping of PyNET's variables to the reference's TF1 keys.
 
+* Names: ``pynet_level_{L}_iteration_{I}.ckpt`` in models_dir, the released weights in
+  models/original/; ``resolve(args)`` is the checkpoint test_model.py, evaluate_accuracy.py
+  and export_model.py load.
 * ``read_verified(prefix)`` reads every tensor of a TensorFlow checkpoint (TensorFlow checks
   each one's checksum), checks it against the dtype and shape its index records and that it
-  is finite; a damaged or non-finite checkpoint is a one-line ``DamagedCheckpoint`` naming
-  the damaged file.
-* ``naming_intact(prefix)`` adds, to that error, which earlier checkpoint of the same level
-  is intact: it is named, never used silently.
+  is finite; a damaged or non-finite checkpoint is a one-line ``DamagedCheckpoint`` naming the
+  damaged file, and ``naming_intact`` adds which earlier checkpoint of the level is intact.
 * ``all_or_nothing(prefix)`` wraps the writing of a checkpoint's files: on any failure the
   temporaries and whatever was already renamed are removed, and a refused write (a full
   disk...) is one line.
-* ``check_fresh_start`` / ``prepare_folders``: a fresh training run does not write into a
-  folder where another run's checkpoints of its level would still count as "the latest".
-* ``save_training_checkpoint`` / ``restore_state``: a training checkpoint with, beside it, the
-  training state (Adam's variables, the loop's counters) that resume=true restores.
-* ``find_start(args)``: what a training run starts from (scratch, the level above's latest
-  checkpoint, or its own resumed run), from the files in models_dir alone.
-* ``resolve(params)``: the checkpoint test_model.py and evaluate_accuracy.py load.
+* ``load_weights`` / ``save_weights``: a PyNET's variables under the reference's keys
+  (generator/Variable, generator/Variable_1, ... in the reference's creation order), so the
+  authors' released checkpoint loads and ours load in the reference's code.
+
+TensorFlow and the model are imported by the functions that use them (``_tf``, ``load_model``),
+not at the top: the scripts import this module before runtime.py's settings are made.
 """
 
 import contextlib
 import os
 import re
 
-import utils
-from utils import UsageError, UserError
+import numpy as np
 
+import files
+from cli import UsageError, UserError
+
+TF1_VARIABLE_COUNT = 437
+TF1_SCOPE = "generator"
 STATE_SUFFIX = ".train_state"  # optimizer state + iteration, beside a training checkpoint
 
+
+def _tf():
+    import tensorflow as tf
+
+    return tf
+
+
+# ---------------------------------------------------------------------------------------
+# names
+
+ORIGINAL_CHECKPOINT = "models/original/pynet_level_0.ckpt"
+RELEASED_ITERATION = -1  # the "iteration" of the released weights in an export; file names say "None"
+
+
+def original_checkpoint() -> str:
+    """The authors' released weights, or a one-line error saying how to get them."""
+    if not os.path.exists(ORIGINAL_CHECKPOINT + ".index"):
+        raise UserError(f"{ORIGINAL_CHECKPOINT}: the authors' released weights are not there; put "
+                        f"pynet_level_0.ckpt.index and .data-00000-of-00001 from their release into models/original/ "
+                        f"(README, 'The real thing'), or use your own checkpoints with orig=false")
+    return ORIGINAL_CHECKPOINT
+
+
+def checkpoint_prefix(models_dir: str, level: int, iteration) -> str:
+    return os.path.join(models_dir, f"pynet_level_{level}_iteration_{iteration}.ckpt")
+
+
+_CHECKPOINT_NAME = re.compile(r"^pynet_level_(\d+)_iteration_(\d+)\.ckpt$")
+
+
+def parse_checkpoint_prefix(prefix: str):
+    """(level, iteration) of a prefix named ``pynet_level_{L}_iteration_{I}.ckpt``, or None."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(prefix))
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def checkpoint_iterations(level: int, models_dir: str = "models/", suffix: str = "") -> list:
+    """Sorted iterations of the complete ``pynet_level_{level}_iteration_{i}.ckpt{suffix}`` checkpoints
+    (those with an ``.index``) in ``models_dir``."""
+    found = []
+    if files.isdir(models_dir):
+        for name in files.listdir(models_dir):
+            if name.endswith(suffix + ".index"):
+                parsed = parse_checkpoint_prefix(name[: -len(suffix + ".index")])
+                if parsed is not None and parsed[0] == level:
+                    found.append(parsed[1])
+    return sorted(found)
+
+
+def get_last_iter(level: int, models_dir: str = "models/"):
+    """Largest iteration of a complete ``pynet_level_{level}_iteration_{i}.ckpt`` in ``models_dir``, or None."""
+    found = checkpoint_iterations(level, models_dir)
+    return found[-1] if found else None
+
+
+def state_prefix(model_prefix: str) -> str:
+    return model_prefix + STATE_SUFFIX
+
+
+# ---------------------------------------------------------------------------------------
+# reading, verified
 
 class DamagedCheckpoint(UserError):
     """A checkpoint that cannot be used (unreadable, truncated, missing data, non-finite)."""
@@ -58,10 +124,10 @@ def _data_problem(prefix: str, what: str, exc) -> str:
     if match:
         data = prefix + match.group(0)
     else:
-        shards = sorted(n for n in utils.listdir(os.path.dirname(prefix) or ".")
+        shards = sorted(n for n in files.listdir(os.path.dirname(prefix) or ".")
                         if n.startswith(os.path.basename(prefix) + ".data-"))
         data = os.path.join(os.path.dirname(prefix), shards[0]) if shards else prefix + ".data-00000-of-00001"
-    if not utils.exists(data):
+    if not files.exists(data):
         return f"{data}: missing (the checkpoint's {os.path.basename(prefix)}.index is there without its data)"
     return f"{data}: damaged or truncated: {_reason(exc)} reading {what}"
 
@@ -70,11 +136,9 @@ def read_verified(prefix: str, labels: dict = None) -> dict:
     """Every tensor of the checkpoint ``prefix`` as NumPy arrays, each read and checked (its
     checksum, the dtype and shape the index records, finite values); ``labels`` names keys in
     the messages. Raises DamagedCheckpoint naming the file that is damaged."""
-    import numpy as np
-    import tensorflow as tf
-
+    tf = _tf()
     index = prefix + ".index"
-    if not utils.exists(index):
+    if not files.exists(index):
         raise UserError(f"{prefix}: no checkpoint there (expected {index} and its .data files)")
     try:
         # the reader itself: tf.train.load_checkpoint takes a prefix on a RAM filesystem for a folder
@@ -108,8 +172,6 @@ def read_verified(prefix: str, labels: dict = None) -> dict:
 
 def nonfinite_count(variables) -> int:
     """Number of NaN/Inf values in floating-point variables (60 ms for the full model on a CPU)."""
-    import numpy as np
-
     total = 0
     for var in variables:
         value = var.numpy()
@@ -136,14 +198,14 @@ def _intact(prefix: str, resume: bool) -> bool:
 def intact_advice(prefix: str, resume: bool = False):
     """Which earlier checkpoint of the same level and folder is intact (with its training
     state for ``resume``) and how to use it; None for a prefix not named by the trainer."""
-    parsed = utils.parse_checkpoint_prefix(prefix)
+    parsed = parse_checkpoint_prefix(prefix)
     if parsed is None:
         return None
     level, iteration = parsed
     folder = os.path.dirname(prefix)
-    earlier = [i for i in utils.checkpoint_iterations(level, folder, STATE_SUFFIX if resume else "") if i < iteration]
+    earlier = [i for i in checkpoint_iterations(level, folder, STATE_SUFFIX if resume else "") if i < iteration]
     for candidate in reversed(earlier):
-        good = utils.checkpoint_prefix(folder, level, candidate)
+        good = checkpoint_prefix(folder, level, candidate)
         if _intact(good, resume):
             if resume:
                 return (f"the latest intact level-{level} checkpoint with its training state is {good}: move the "
@@ -164,19 +226,11 @@ def naming_intact(prefix: str, resume: bool = False):
         raise DamagedCheckpoint(f"{err}; {advice}") from None
 
 
-def load_weights(model, prefix: str) -> None:
-    """model.load_checkpoint, naming the intact earlier checkpoint when ``prefix`` is damaged."""
-    import model as pynet
-
-    with naming_intact(prefix):
-        pynet.load_checkpoint(model, prefix)
-
-
 # ---------------------------------------------------------------------------------------
 # writing
 
 def _starting_with(folder: str, base: str) -> set:
-    return {n for n in utils.listdir(folder) if n.startswith(base)} if utils.isdir(folder) else set()
+    return {n for n in files.listdir(folder) if n.startswith(base)} if files.isdir(folder) else set()
 
 
 @contextlib.contextmanager
@@ -184,196 +238,169 @@ def all_or_nothing(prefix: str):
     """Write the files of checkpoint ``prefix`` in the block. On any failure (a full disk, an
     interruption) every file of ``prefix`` the block created, temporaries and TensorFlow's
     ``_temp`` folders included, is removed; a write the system refused becomes one line."""
-    import tensorflow as tf
-
+    tf = _tf()
     folder, base = os.path.dirname(prefix) or ".", os.path.basename(prefix)
     before = _starting_with(folder, base + ".")
     try:
         yield
     except BaseException as exc:
         for name in _starting_with(folder, base + ".") - before:
-            utils.remove(os.path.join(folder, name), missing_ok=True)
+            files.remove(os.path.join(folder, name), missing_ok=True)
         if isinstance(exc, (tf.errors.OpError, OSError)):
             raise UserError(f"{prefix}: cannot write the checkpoint ({_reason(exc)}); nothing was saved") from None
         raise
 
 
 # ---------------------------------------------------------------------------------------
-# a training checkpoint: the model's and, beside it, the training state resume=true restores
+# TF1 checkpoints: keys generator/Variable, generator/Variable_1, ... in creation order
 
-def state_prefix(model_prefix: str) -> str:
-    return model_prefix + STATE_SUFFIX
-
-
-def _rename_checkpoint_files(tmp_prefix, prefix):
-    folder = os.path.dirname(tmp_prefix) or "."
-    base = os.path.basename(tmp_prefix)
-    files = [n for n in utils.listdir(folder) if n.startswith(base + ".")]
-    # data files first, the index last: a checkpoint is complete once its index exists
-    for name in sorted(files, key=lambda n: n.endswith(".index")):
-        utils.rename(os.path.join(folder, name), prefix + name[len(base):])
+def tf1_key(index: int) -> str:
+    return f"{TF1_SCOPE}/Variable" if index == 0 else f"{TF1_SCOPE}/Variable_{index}"
 
 
-def state_variables(adam, counters):
-    """What resume=true restores besides the model: Adam's variables (iteration count and
-    moments, in order; ``adam`` is the one inside a LossScaleOptimizer) and the loop's counters."""
-    variables = {f"adam_{i:04d}": v for i, v in enumerate(adam.variables)}
-    variables.update(counters)
-    return variables
+_ROLES = {"kernel": "W", "bias": "b", "shift": "IN shift", "scale": "IN scale"}
 
 
-def save_state(adam, counters, prefix):
-    """Write the training state of checkpoint ``prefix`` atomically (temporary name, renamed)."""
-    import tensorflow as tf
-
-    tmp = f"{state_prefix(prefix)}.tmp{os.getpid()}"
-    tf.train.Checkpoint(**state_variables(adam, counters)).write(tmp)
-    _rename_checkpoint_files(tmp, state_prefix(prefix))
-
-
-def restore_state(adam, counters, prefix):
-    """Read the training state written by save_state, checking that it fits this optimizer."""
-    import tensorflow as tf
-
-    path = state_prefix(prefix)
-    variables = state_variables(adam, counters)
-    values = read_verified(path)  # every tensor readable and finite, or one line naming the file
-    stored = {k.split("/")[0]: v.shape for k, v in values.items() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
-    for name, var in variables.items():
-        if name not in stored or list(stored[name]) != list(var.shape):
-            raise UserError(f"{path}: the training state does not match this run ({name}); it was written for "
-                            f"another level or setting")
-    if len(stored) != len(variables):
-        raise UserError(f"{path}: the training state has {len(stored)} entries, this run {len(variables)}: "
-                        f"written for another level or setting")
-    tf.train.Checkpoint(**variables).read(path).assert_existing_objects_matched().expect_partial()
+def _creation_rank(name: str) -> tuple:
+    """Where the reference creates layer ``name``: the encoder's first blocks (conv_l1_d1 to
+    conv_l5_d1), then level by level from 5 to 0 its other blocks, its two upsampling layers
+    (conv_t{L-1}a and b) and its head (conv_l{L}_out); level 0's block is conv_l0."""
+    block = re.fullmatch(r"conv_l(\d)_d(\d+)", name)
+    if block:
+        level, index = int(block[1]), int(block[2])
+        return (0, level, 0) if index == 1 else (1, -level, index)
+    upsampling = re.fullmatch(r"conv_t(\d)([ab])", name)
+    if upsampling:
+        return (1, -(int(upsampling[1]) + 1), 1000 + "ab".index(upsampling[2]))
+    output = re.fullmatch(r"conv_l(\d)_out", name)
+    if output:
+        return (1, -int(output[1]), 2000)
+    if name == "conv_l0":
+        return (1, 0, 0)
+    raise ValueError(f"{name}: not a PyNET layer name")
 
 
-def save_training_checkpoint(model, adam, counters, prefix):
-    """Training state first, then the model checkpoint (the reference's keys, all 437 variables),
-    each written under a temporary name and renamed. Non-finite weights are refused before
-    anything is written; a failed write (a full disk) leaves neither (all_or_nothing)."""
-    import model as pynet
+def tf1_order(model) -> list:
+    """[(layer name, number of variables)] of a PyNET build in the reference's creation order,
+    which numbers the checkpoint keys. A build for level L from 2 to 5 also creates the two
+    upsampling layers toward level L - 1 (the reference makes them before its head); Keras
+    leaves them out of the model as nothing uses them, but their one variable each keeps the
+    numbering of what follows."""
+    order = [(layer.name, layer.tf1_variable_count()) for layer in model.layers if hasattr(layer, "tf1_variable_count")]
+    lowest = 6 - len(model.outputs)  # model.built_level
+    if lowest >= 2:
+        order += [(f"conv_t{lowest - 1}{side}", 1) for side in "ab"]  # an UpConv: its kernel
+    return sorted(order, key=lambda entry: _creation_rank(entry[0]))
 
-    pynet.check_finite(model, prefix)  # before the training state is written
+
+def tf1_variables(model):
+    """[(checkpoint key, variable, description)] for every variable of ``model`` in the
+    reference's creation order. A level-N build holds a prefix of the full list."""
+    present = {layer.name for layer in model.layers}
+    entries, index = [], 0
+    for name, count in tf1_order(model):
+        if name not in present:  # an unused upsampling layer of a partial build
+            index += count
+            continue
+        layer = model.get_layer(name)
+        convs = layer.conv_layers() if hasattr(layer, "conv_layers") else [layer]
+        for conv in convs:
+            label = f"{name}/{conv.name}" if conv is not layer else name
+            for var in conv.tf1_variables():
+                entries.append((tf1_key(index), var, f"{label} {_ROLES[var.name]}"))
+                index += 1
+    return entries
+
+
+def load_checkpoint(model, prefix: str) -> None:
+    """Load a checkpoint with the reference's keys (the released TF1 weights or our own) into
+    ``model``. The whole checkpoint is read and verified first (read_verified:
+    every tensor readable, finite) and every key, dtype and shape checked against the model,
+    before anything is assigned."""
+    entries = tf1_variables(model)
+    values = read_verified(prefix, labels={key: label for key, _, label in entries})
+    for key, var, label in entries:
+        if key not in values:
+            raise UserError(f"{prefix}: key {key} ({label}, shape {list(var.shape)}) is missing from the checkpoint")
+        value = values[key]
+        if list(value.shape) != list(var.shape):
+            raise UserError(f"{prefix}: {key} ({label}) has shape {list(value.shape)}, expected {list(var.shape)}")
+        if value.dtype != np.dtype(var.dtype):
+            raise UserError(f"{prefix}: {key} ({label}) has dtype {value.dtype}, expected {var.dtype}")
+    for key, var, _ in entries:
+        var.assign(values[key])
+
+
+def load_weights(model, prefix: str) -> None:
+    """load_checkpoint, naming the intact earlier checkpoint when ``prefix`` is damaged."""
+    with naming_intact(prefix):
+        load_checkpoint(model, prefix)
+
+
+def load_model(level: int, prefix: str):
+    """A PyNET built for ``level`` with the weights of checkpoint ``prefix``."""
+    from model import PyNET  # here: the model starts TensorFlow (see the module's docstring)
+
+    model = PyNET(level=level)
+    load_weights(model, prefix)
+    return model
+
+
+def check_finite(model, prefix: str) -> None:
+    """NonFiniteWeights (naming ``prefix``, which is then not written) if a weight is NaN or Inf."""
+    bad = nonfinite_count(model.weights)
+    if bad:
+        raise NonFiniteWeights(f"{prefix}: not written: the weights hold {bad} NaN or Inf values",
+                                           count=bad)
+
+
+def save_checkpoint(model, prefix: str, finite_checked: bool = False) -> None:
+    """Write all variables of a full PyNET under the reference's keys, as a TF V2 checkpoint
+    (``prefix.index`` + ``prefix.data-00000-of-00001``) that TF1's Saver can restore too.
+
+    Weights with NaN or Inf are refused (``finite_checked``: the caller has just run
+    check_finite, a pass over every weight). Written under a temporary prefix and renamed, the
+    index last: a crash never leaves a checkpoint that looks complete but is not, and a
+    failed write (a full disk) leaves nothing (all_or_nothing).
+    """
+    entries = tf1_variables(model)
+    if len(entries) != TF1_VARIABLE_COUNT:
+        raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
+    if not finite_checked:
+        check_finite(model, prefix)
+
+    folder = os.path.dirname(prefix)
+    if folder:
+        files.makedirs(folder)
+    tmp_prefix = f"{prefix}.tmp{os.getpid()}"
     with all_or_nothing(prefix):
-        save_state(adam, counters, prefix)
-        pynet.save_checkpoint(model, prefix, finite_checked=True)
-
-
-# ---------------------------------------------------------------------------------------
-# one run per folder and level
-
-def check_fresh_start(models_dir: str, level: int, overwrite: bool = False) -> None:
-    """A run that starts a level afresh refuses a folder that already holds checkpoints of that
-    level (another run's "latest" would win over its own) unless ``overwrite``."""
-    done = utils.checkpoint_iterations(level, models_dir)
-    if done and not overwrite:
-        shown = ", ".join(map(str, done[-3:]))
-        raise UserError(f"{models_dir} already holds level-{level} checkpoints of an earlier run (iterations "
-                        f"{'..., ' if len(done) > 3 else ''}{shown}): continue that run with resume=true, train into "
-                        f"another models_dir, or give overwrite=true to delete them first")
-
-
-def clear_level(models_dir: str, level: int) -> list:
-    """Delete the level's checkpoints (with their training states) and TensorBoard summaries."""
-    removed = []
-    for name in sorted(utils.listdir(models_dir)) if utils.isdir(models_dir) else []:
-        stem = name.split(".ckpt", 1)[0] + ".ckpt"
-        parsed = utils.parse_checkpoint_prefix(stem)
-        if ".ckpt" in name and parsed is not None and parsed[0] == level:
-            utils.remove(os.path.join(models_dir, name), missing_ok=True)
-            removed.append(name)
-    summaries = os.path.join(models_dir, "tensorboard", f"level_{level}")
-    if utils.isdir(summaries):
-        utils.remove(summaries)
-        removed.append(summaries)
-    return removed
-
-
-def prepare_folders(args, start_kind: str, log=print) -> None:
-    """At the start of a training run (the writing process): temporaries of killed runs removed
-    from models_dir and results_dir, and with overwrite=true (when not resuming) the level's
-    earlier checkpoints deleted."""
-    for name in ("models_dir", "results_dir"):
-        utils.remove_stale_temps(args[name])
-    if args.get("overwrite") and start_kind != "resume":
-        removed = clear_level(args["models_dir"], args["level"])
-        if removed:
-            count = len({n.split(".ckpt", 1)[0] for n in removed if ".ckpt" in n})
-            log(f"overwrite=true: deleted {count} level-{args['level']} checkpoint(s) of an earlier run from "
-                f"{args['models_dir']}")
-
-
-# ---------------------------------------------------------------------------------------
-# where a training run starts: scratch, the level above's weights, or its own resumed run
-
-class Start:
-    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights) or "resume"."""
-
-    def __init__(self, kind, prefix=None, iteration=-1):
-        self.kind, self.prefix, self.iteration = kind, prefix, iteration
-
-    def __repr__(self):
-        return f"Start({self.kind!r}, {self.prefix!r}, {self.iteration})"
-
-
-def resumable_iterations(models_dir, level):
-    """Iterations of ``level`` that have both the model checkpoint and the training state."""
-    states = set(utils.checkpoint_iterations(level, models_dir, STATE_SUFFIX))
-    return [i for i in utils.checkpoint_iterations(level, models_dir) if i in states]
-
-
-def find_start(args, log=print) -> Start:
-    """Decide what the run starts from, or raise a one-line UserError."""
-    level, models_dir = args["level"], args["models_dir"]
-    if args["resume"]:
-        done = resumable_iterations(models_dir, level)
-        if done:
-            latest_model = utils.get_last_iter(level, models_dir)
-            if latest_model is not None and latest_model > done[-1]:
-                log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
-                    f"resuming from iteration {done[-1]}")
-            return Start("resume", utils.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
-        log(f"note: resume=true but no level-{level} checkpoint with training state in {models_dir}: "
-            f"starting level {level} from the beginning")
-    check_fresh_start(models_dir, level, args.get("overwrite", False))
-    if level == 5:
-        return Start("scratch")
-    upper = level + 1
-    iteration = args["restore_iter"]
-    if iteration is None:
-        iteration = utils.get_last_iter(upper, models_dir)
-        if iteration is None:
-            raise UserError(f"no level-{upper} checkpoint (pynet_level_{upper}_iteration_*.ckpt) in {models_dir}: "
-                            f"train level {upper} first (python train_model.py level={upper})")
-    prefix = utils.checkpoint_prefix(models_dir, upper, iteration)
-    if not utils.exists(prefix + ".index"):
-        raise UserError(f"{prefix}: no such checkpoint (restore_iter={iteration}); "
-                        f"the latest level-{upper} one is iteration {utils.get_last_iter(upper, models_dir)}")
-    return Start("handover", prefix)
+        _tf().raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=[key for key, _, _ in entries],
+                          shape_and_slices=[""] * len(entries), tensors=[var.value for _, var, _ in entries])
+        data = ".data-00000-of-00001"
+        files.rename(tmp_prefix + data, prefix + data)
+        files.rename(tmp_prefix + ".index", prefix + ".index")
 
 
 # ---------------------------------------------------------------------------------------
 # the checkpoint an inference script loads
 
-def resolve(params) -> tuple:
+def resolve(args) -> tuple:
     """(checkpoint prefix, iteration label for file names) from orig=, restore_iter=, level=
-    and models_dir= (test_model.py, evaluate_accuracy.py)."""
-    if params["orig"]:
-        if params.get("restore_iter") is not None:
+    and models_dir= (test_model.py, evaluate_accuracy.py, export_model.py)."""
+    if args["orig"]:
+        if args.get("restore_iter") is not None:
             raise UsageError("orig=true uses the released weights: leave out restore_iter or give orig=false")
-        return utils.original_checkpoint(), "None"
-    level, iteration, models_dir = params["level"], params["restore_iter"], params["models_dir"]
+        return original_checkpoint(), "None"
+    level, iteration, models_dir = args["level"], args["restore_iter"], args["models_dir"]
     if iteration is None:
-        iteration = utils.get_last_iter(level, models_dir)
+        iteration = get_last_iter(level, models_dir)
         if iteration is None:
             raise UserError(f"no checkpoint pynet_level_{level}_iteration_*.ckpt in {models_dir}: "
                             f"train level {level} first (python train_model.py level={level}) "
                             f"or use the released weights with orig=true")
-    prefix = utils.checkpoint_prefix(models_dir, level, iteration)
-    if not utils.exists(prefix + ".index"):
-        latest = utils.get_last_iter(level, models_dir)
+    prefix = checkpoint_prefix(models_dir, level, iteration)
+    if not files.exists(prefix + ".index"):
+        latest = get_last_iter(level, models_dir)
         there = (f"the latest level-{level} one is iteration {latest}" if latest is not None
                  else f"{models_dir} holds no level-{level} checkpoint")
         raise UserError(f"{prefix}: no checkpoint there (restore_iter={iteration}); {there}")

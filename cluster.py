@@ -28,8 +28,8 @@ import socket
 import time
 
 import checkpoints
-import utils
-from utils import UsageError, UserError
+import files
+from cli import UsageError, UserError
 
 TASK_TYPES = ("chief", "worker")  # what MultiWorkerMirroredStrategy runs
 
@@ -323,7 +323,7 @@ LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "progr
 def _crc_of_file(path):
     import zlib
 
-    return zlib.crc32(utils.read_bytes(path)) if utils.exists(path) else 0
+    return zlib.crc32(files.read_bytes(path)) if files.exists(path) else 0
 
 
 def start_row(args, start):
@@ -335,7 +335,7 @@ def start_row(args, start):
     settings = json.dumps({k: v for k, v in args.items() if k not in LOCAL_ARGUMENTS}, sort_keys=True, default=str)
     if start is None:
         return [0, -1, -1, -1, 0, 0, zlib.crc32(settings.encode())]
-    level, iteration = utils.parse_checkpoint_prefix(start.prefix) if start.prefix else (args["level"], -1)
+    level, iteration = checkpoints.parse_checkpoint_prefix(start.prefix) if start.prefix else (args["level"], -1)
     state = _crc_of_file(checkpoints.state_prefix(start.prefix) + ".index") if start.kind == "resume" else 0
     model = _crc_of_file(start.prefix + ".index") if start.prefix else 0
     return [1, START_KINDS[start.kind], level, iteration, model, state, zlib.crc32(settings.encode())]

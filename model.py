@@ -3,30 +3,23 @@
 The graph is built level by level as in the paper's figure: a shared encoder
 (conv_lX_d1 + max-pools), then levels 5 (1/16 of the packed input) up to 1 (packed
 resolution) and level 0 (the full mosaic resolution). Names, order of creation and
-every variable follow the reference TF1 code, so its checkpoints load by position.
+every variable follow the reference TF1 code, so its checkpoints load by position
+(checkpoints.py maps the variables to the reference's keys).
 
     model = PyNET()                  # all levels; outputs [l0, l1, l2, l3, l4, l5]
     model = PyNET(level=3)           # only what level 3 needs; outputs [l3, l4, l5]
     view = level_model(model, 2)     # one output, sharing model's variables
 
-Input: packed Bayer [B, Gb, R, Gr] (load_dataset.extract_bayer_channels), shape
+Input: packed Bayer [B, Gb, R, Gr] (camera.extract_bayer_channels), shape
 (batch, H, W, 4) with H and W multiples of 16. Output of level L: (H, W) * 2 / 2**L.
 """
 
-import os
-import re
-
 import keras
-import numpy as np
-import tensorflow as tf
 from keras import ops
 
 import utils
-from utils import UserError
 
 PARAMETER_COUNT = 47_548_170
-TF1_VARIABLE_COUNT = 437
-TF1_SCOPE = "generator"
 LEAKY_SLOPE = 0.2
 IN_EPSILON = 1e-3
 
@@ -333,128 +326,6 @@ def copy_weights(source, target):
     for layer in target.layers:
         if layer.weights:
             layer.set_weights(source.get_layer(layer.name).get_weights())
-
-
-# ---------------------------------------------------------------------------------------
-# TF1 checkpoints: keys generator/Variable, generator/Variable_1, ... in creation order
-
-def tf1_key(index: int) -> str:
-    return f"{TF1_SCOPE}/Variable" if index == 0 else f"{TF1_SCOPE}/Variable_{index}"
-
-
-_ROLES = {"kernel": "W", "bias": "b", "shift": "IN shift", "scale": "IN scale"}
-
-
-def _creation_rank(name: str) -> tuple:
-    """Where the reference creates layer ``name``: the encoder's first blocks (conv_l1_d1 to
-    conv_l5_d1), then level by level from 5 to 0 its other blocks, its two upsampling layers
-    (conv_t{L-1}a and b) and its head (conv_l{L}_out); level 0's block is conv_l0."""
-    block = re.fullmatch(r"conv_l(\d)_d(\d+)", name)
-    if block:
-        level, index = int(block[1]), int(block[2])
-        return (0, level, 0) if index == 1 else (1, -level, index)
-    upsampling = re.fullmatch(r"conv_t(\d)([ab])", name)
-    if upsampling:
-        return (1, -(int(upsampling[1]) + 1), 1000 + "ab".index(upsampling[2]))
-    output = re.fullmatch(r"conv_l(\d)_out", name)
-    if output:
-        return (1, -int(output[1]), 2000)
-    if name == "conv_l0":
-        return (1, 0, 0)
-    raise ValueError(f"{name}: not a PyNET layer name")
-
-
-def tf1_order(model) -> list:
-    """[(layer name, number of variables)] of a PyNET build in the reference's creation order,
-    which numbers the checkpoint keys. A build for level L from 2 to 5 also creates the two
-    upsampling layers toward level L - 1 (the reference makes them before its head); Keras
-    leaves them out of the model as nothing uses them, but their one variable each keeps the
-    numbering of what follows."""
-    order = [(layer.name, layer.tf1_variable_count()) for layer in model.layers
-             if isinstance(layer, (MultiConvBlock, UpConv, ConvLayer))]
-    lowest = built_level(model)
-    if lowest >= 2:
-        order += [(f"conv_t{lowest - 1}{side}", 1) for side in "ab"]  # an UpConv: its kernel
-    return sorted(order, key=lambda entry: _creation_rank(entry[0]))
-
-
-def tf1_variables(model):
-    """[(checkpoint key, variable, description)] for every variable of ``model`` in the
-    reference's creation order. A level-N build holds a prefix of the full list."""
-    present = {layer.name for layer in model.layers}
-    entries, index = [], 0
-    for name, count in tf1_order(model):
-        if name not in present:  # an unused upsampling layer of a partial build
-            index += count
-            continue
-        layer = model.get_layer(name)
-        convs = layer.conv_layers() if isinstance(layer, MultiConvBlock) else [layer]
-        for conv in convs:
-            label = f"{name}/{conv.name}" if conv is not layer else name
-            for var in conv.tf1_variables():
-                entries.append((tf1_key(index), var, f"{label} {_ROLES[var.name]}"))
-                index += 1
-    return entries
-
-
-def load_checkpoint(model, prefix: str) -> None:
-    """Load a checkpoint with the reference's keys (the released TF1 weights or our own) into
-    ``model``. The whole checkpoint is read and verified first (checkpoints.read_verified:
-    every tensor readable, finite) and every key, dtype and shape checked against the model,
-    before anything is assigned."""
-    import checkpoints
-
-    entries = tf1_variables(model)
-    values = checkpoints.read_verified(prefix, labels={key: label for key, _, label in entries})
-    for key, var, label in entries:
-        if key not in values:
-            raise UserError(f"{prefix}: key {key} ({label}, shape {list(var.shape)}) is missing from the checkpoint")
-        value = values[key]
-        if list(value.shape) != list(var.shape):
-            raise UserError(f"{prefix}: {key} ({label}) has shape {list(value.shape)}, expected {list(var.shape)}")
-        if value.dtype != np.dtype(var.dtype):
-            raise UserError(f"{prefix}: {key} ({label}) has dtype {value.dtype}, expected {var.dtype}")
-    for key, var, _ in entries:
-        var.assign(values[key])
-
-
-def check_finite(model, prefix: str) -> None:
-    """NonFiniteWeights (naming ``prefix``, which is then not written) if a weight is NaN or Inf."""
-    import checkpoints
-
-    bad = checkpoints.nonfinite_count(model.weights)
-    if bad:
-        raise checkpoints.NonFiniteWeights(f"{prefix}: not written: the weights hold {bad} NaN or Inf values",
-                                           count=bad)
-
-
-def save_checkpoint(model, prefix: str, finite_checked: bool = False) -> None:
-    """Write all variables of a full PyNET under the reference's keys, as a TF V2 checkpoint
-    (``prefix.index`` + ``prefix.data-00000-of-00001``) that TF1's Saver can restore too.
-
-    Weights with NaN or Inf are refused (``finite_checked``: the caller has just run
-    check_finite, a pass over every weight). Written under a temporary prefix and renamed, the
-    index last: a crash never leaves a checkpoint that looks complete but is not, and a
-    failed write (a full disk) leaves nothing (checkpoints.all_or_nothing).
-    """
-    import checkpoints
-
-    entries = tf1_variables(model)
-    if len(entries) != TF1_VARIABLE_COUNT:
-        raise ValueError(f"only a full model can be saved ({len(entries)} of {TF1_VARIABLE_COUNT} variables)")
-    if not finite_checked:
-        check_finite(model, prefix)
-
-    folder = os.path.dirname(prefix)
-    if folder:
-        utils.makedirs(folder)
-    tmp_prefix = f"{prefix}.tmp{os.getpid()}"
-    with checkpoints.all_or_nothing(prefix):
-        tf.raw_ops.SaveV2(prefix=tmp_prefix, tensor_names=[key for key, _, _ in entries],
-                          shape_and_slices=[""] * len(entries), tensors=[var.value for _, var, _ in entries])
-        data = ".data-00000-of-00001"
-        utils.rename(tmp_prefix + data, prefix + data)
-        utils.rename(tmp_prefix + ".index", prefix + ".index")
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,8 +17,21 @@ import os
 import sys
 import time
 
+import numpy as np
+from PIL import Image, ImageDraw
+
+import camera
+import checkpoints
+import cli
+import evaluate_accuracy
+import images
+import load_dataset
+import make_sample_dataset
+import process
+import runtime
+import test_model
 import utils
-from utils import Arg
+from cli import Arg
 
 # The quick start's own schedule, not the paper's (README, "The real thing", step 4): He-normal
 # initial weights, the MSE loss alone, a higher learning rate, small crops, and most of the time
@@ -50,23 +63,23 @@ ARGS = [
     Arg("vgg_dir", str, "vgg_pretrained/imagenet-vgg-verydeep-19.mat",
         "VGG-19 for the content loss of levels 3..0 with loss=reference; trained without it (with a warning) "
         "when absent"),
-    Arg("iters", utils.OPTIONAL_INT, None, "training iterations of every level (and of each resumed phase of "
-        "level 0; 0 = none); none = the quick-start schedule's", check=utils.non_negative),
-    Arg("patch_size", utils.OPTIONAL_INT, None, "side of the packed training crops (multiple of 16) at every "
-        "level; none = the quick-start schedule's", check=utils.patch_size_check),
-    Arg("batch_size", utils.OPTIONAL_INT, None, "training batch size at every level; none = the quick-start "
-        "schedule's", check=utils.positive),
-    Arg("learning_rate", utils.OPTIONAL_FLOAT, None, "Adam learning rate of every level and phase (the paper: "
-        "5e-5); none = the quick-start schedule's", check=utils.positive),
+    Arg("iters", cli.OPTIONAL_INT, None, "training iterations of every level (and of each resumed phase of "
+        "level 0; 0 = none); none = the quick-start schedule's", check=cli.non_negative),
+    Arg("patch_size", cli.OPTIONAL_INT, None, "side of the packed training crops (multiple of 16) at every "
+        "level; none = the quick-start schedule's", check=cli.patch_size_check),
+    Arg("batch_size", cli.OPTIONAL_INT, None, "training batch size at every level; none = the quick-start "
+        "schedule's", check=cli.positive),
+    Arg("learning_rate", cli.OPTIONAL_FLOAT, None, "Adam learning rate of every level and phase (the paper: "
+        "5e-5); none = the quick-start schedule's", check=cli.positive),
     Arg("init", str, QUICK_INIT, "initial weights (train_model.py init=): he = He-normal, reference = the "
         "paper's N(0, 0.01)", choices=utils.INITS),
     Arg("loss", str, QUICK_LOSS, "loss of every level (train_model.py loss=): mse = the MSE term alone, "
         "reference = the paper's (with VGG-19 content and SSIM terms)", choices=utils.LOSSES),
     Arg("seed", int, 0, "random seed of the sample dataset and of training"),
-    Arg("train", int, 64, "training patches in the sample dataset", check=utils.positive),
-    Arg("test", int, 16, "test patches in the sample dataset (the PSNR is their mean)", check=utils.positive),
-    Arg("full_height", int, 384, "height of the sample's full-resolution mosaic", check=utils.positive),
-    Arg("full_width", int, 256, "width of the sample's full-resolution mosaic", check=utils.positive),
+    Arg("train", int, 64, "training patches in the sample dataset", check=cli.positive),
+    Arg("test", int, 16, "test patches in the sample dataset (the PSNR is their mean)", check=cli.positive),
+    Arg("full_height", int, 384, "height of the sample's full-resolution mosaic", check=cli.positive),
+    Arg("full_width", int, 256, "width of the sample's full-resolution mosaic", check=cli.positive),
 ]
 
 
@@ -157,9 +170,6 @@ LABEL_HEIGHT = 24  # pixels of the caption band above each panel of the comparis
 def labelled_row(panels):
     """[(caption, H x W x 3 uint8)] of one size -> one uint8 image: the panels side by side,
     each under a white band with its caption (Pillow's default font)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     height, width = panels[0][1].shape[:2]
     canvas = Image.new("RGB", (width * len(panels), height + LABEL_HEIGHT), "white")
     draw = ImageDraw.Draw(canvas)
@@ -171,22 +181,14 @@ def labelled_row(panels):
 
 def photo_psnr(image, target) -> float:
     """PSNR of one 8-bit picture against another (data range 1), as evaluate_accuracy scores."""
-    import evaluate_accuracy
-
     return float(evaluate_accuracy.image_metrics(image[None] / 255.0, target[None] / 255.0)["psnr"][0])
 
 
 def write_comparison(mosaic_path: str, rendered_path: str, target_path: str) -> str:
     """classical ISP | PyNET | target of one full-resolution mosaic, each with its PSNR against
     the target, written beside the rendered photo. Returns its path."""
-    import numpy as np
-    from PIL import Image
-
-    import evaluate_accuracy
-    import test_model
-
     mosaic = test_model.read_checked_mosaic(mosaic_path)
-    classical = utils.to_uint(evaluate_accuracy.baseline_isp(test_model.pack(mosaic)[None])[0])
+    classical = images.to_uint(process.baseline_isp(camera.extract_bayer_channels(mosaic)[None])[0])
     with Image.open(rendered_path) as image:
         pynet = np.asarray(image.convert("RGB"))
     with Image.open(target_path) as image:
@@ -195,18 +197,15 @@ def write_comparison(mosaic_path: str, rendered_path: str, target_path: str) -> 
                         (f"PyNET: {photo_psnr(pynet, target):.2f} dB", pynet),
                         ("target (the original photo)", target)])
     path = os.path.splitext(rendered_path)[0] + "_comparison.png"
-    utils.write_png(path, row)
+    images.write_png(path, row)
     return path
 
 
 def compare_renders(params) -> list:
     """write_comparison for each full-resolution mosaic of the sample that was rendered; the
     paths written."""
-    import make_sample_dataset
-    import test_model
-
-    iteration = utils.get_last_iter(0, params["models_dir"])
-    folder = os.path.join(params["dataset_dir"], test_model.FULL_RES_FOLDER)
+    iteration = checkpoints.get_last_iter(0, params["models_dir"])
+    folder = os.path.join(params["dataset_dir"], "test", load_dataset.FULL_RES_FOLDER)
     written = []
     for mosaic_path in test_model.list_mosaics(folder):
         name = os.path.basename(mosaic_path)
@@ -234,6 +233,7 @@ def train_all_levels(params, vgg_dir: str) -> None:
     one model: building the 47.5M-parameter graph and importing TensorFlow once, not six times,
     is a good share of a ten-minute budget on a small CPU."""
     import train_model
+    import trainer
     from model import PyNET
 
     model = None
@@ -244,18 +244,17 @@ def train_all_levels(params, vgg_dir: str) -> None:
         if model is None:
             train_model.configure(args)
             model = PyNET(init=params["init"])
-        train_model.Trainer(args, model=model).run()
+        trainer.Trainer(args, model=model).run()
         done(start)
 
 
 def main(argv):
-    params = utils.parse_args(argv, ARGS, "quickstart.py", __doc__.strip().splitlines()[0])
+    params = cli.parse_args(argv, ARGS, "quickstart.py", __doc__.strip().splitlines()[0])
     began = time.time()
     # one process trains and then renders single photos: the choice must suit both
-    utils.select_cpu_kernels(training=True, smallest_batch=1)
+    runtime.select_cpu_kernels(training=True, smallest_batch=1)
+    runtime.start_tensorflow()
     vgg_dir = training_vgg(params)
-
-    import make_sample_dataset
 
     if os.path.isdir(os.path.join(params["dataset_dir"], "train")):
         print(f"\n=== reusing the sample dataset in {params['dataset_dir']}")
@@ -263,8 +262,6 @@ def main(argv):
         start = announce("build the sample dataset", "make_sample_dataset.py", sample_dataset_argv(params))
         make_sample_dataset.main(sample_dataset_argv(params))
         done(start)
-
-    import load_dataset
 
     print(load_dataset.describe_dataset(params["dataset_dir"]))
     import tensorflow as tf
@@ -274,9 +271,6 @@ def main(argv):
     tf.get_logger().setLevel("ERROR")
     print("\n" + describe_schedule(params, vgg_dir), flush=True)
     train_all_levels(params, vgg_dir)
-
-    import evaluate_accuracy
-    import test_model
 
     start = announce("render the full-resolution mosaic at level 0", "test_model.py", render_argv(params))
     test_model.main(render_argv(params))
@@ -305,4 +299,4 @@ def summary(params, seconds: float, comparisons: list, scores: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run(main))
+    sys.exit(cli.run(main))

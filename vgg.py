@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 
-from utils import UserError
+from cli import UserError
 
 DEFAULT_VGG_PATH = "vgg_pretrained/imagenet-vgg-verydeep-19.mat"
 VGG_URL = "https://polybox.ethz.ch/index.php/s/7z5bHNg5r5a0g7k"

@@ -1,4 +1,4 @@
-"""Benchmark of the training data pipeline (load_dataset.train_dataset).
+"""Benchmark of the training data pipeline (data_pipeline.train_dataset).
 
 1. Throughput: patches per second delivered at each level, with the reference's batch sizes
    (README commands: 50, 50, 48, 18, 12, 10 for levels 5..0), on a generated sample dataset.
@@ -25,6 +25,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cli  # noqa: E402
+import data_pipeline  # noqa: E402
 import utils  # noqa: E402
 
 REFERENCE_BATCH = utils.REFERENCE_BATCH_SIZES  # by level
@@ -53,10 +55,10 @@ def link_dataset(source, folder, count):
 
 
 def throughput(dataset_dir, level, seconds):
-    import load_dataset
+    import data_pipeline
 
     batch = REFERENCE_BATCH[level]
-    iterator = iter(load_dataset.batches(*load_dataset.train_dataset(dataset_dir, level, batch, train_size=5000,
+    iterator = iter(data_pipeline.batches(*data_pipeline.train_dataset(dataset_dir, level, batch, train_size=5000,
                                                                      verbose=False)))
     for _ in range(2):  # warm-up: threads started, files in the page cache
         next(iterator)
@@ -72,14 +74,13 @@ def rss_child(dataset_dir, batches, train_size):
     """Runs in a fresh process: import, build the level-0 pipeline, stream ``batches`` batches."""
     import tensorflow as tf  # noqa: F401  (counted in the baseline)
 
-    import load_dataset
 
     after_import = peak_rss_mib()
     start = time.perf_counter()
-    ds, log = load_dataset.train_dataset(dataset_dir, 0, 10, train_size=train_size, verbose=False)
+    ds, log = data_pipeline.train_dataset(dataset_dir, 0, 10, train_size=train_size, verbose=False)
     check_s = time.perf_counter() - start
     start = time.perf_counter()
-    for _ in load_dataset.batches(ds.take(batches), log):
+    for _ in data_pipeline.batches(ds.take(batches), log):
         pass
     stream_s = time.perf_counter() - start
     with open("/proc/self/status") as handle:
@@ -90,17 +91,17 @@ def rss_child(dataset_dir, batches, train_size):
 
 
 SPEC = [
-    utils.Arg("patches", int, 64, "generated training patches (real files)", check=utils.positive),
-    utils.Arg("seconds", float, 4.0, "timing window per level", check=utils.positive),
-    utils.Arg("rss_batches", int, 300, "level-0 batches (of 10) streamed for the memory figure", check=utils.positive),
-    utils.Arg("train_size", int, 30000, "train_size (and number of linked patches) of the memory run",
-              check=utils.positive),
-    utils.Arg("child", str, "", "internal: run the memory measurement in this process"),
+    cli.Arg("patches", int, 64, "generated training patches (real files)", check=cli.positive),
+    cli.Arg("seconds", float, 4.0, "timing window per level", check=cli.positive),
+    cli.Arg("rss_batches", int, 300, "level-0 batches (of 10) streamed for the memory figure", check=cli.positive),
+    cli.Arg("train_size", int, 30000, "train_size (and number of linked patches) of the memory run",
+              check=cli.positive),
+    cli.Arg("child", str, "", "internal: run the memory measurement in this process"),
 ]
 
 
 def main(argv):
-    args = utils.parse_args(argv, SPEC, "benchmarks/bench_data_pipeline.py", "Data pipeline throughput and memory.")
+    args = cli.parse_args(argv, SPEC, "benchmarks/bench_data_pipeline.py", "Data pipeline throughput and memory.")
     if args["child"]:
         rss_child(args["child"], args["rss_batches"], args["train_size"])
         return
@@ -130,7 +131,7 @@ def main(argv):
                                 f"rss_batches={args['rss_batches']}", f"train_size={args['train_size']}"],
                                capture_output=True, text=True, timeout=3600)
         if child.returncode != 0:
-            raise utils.UserError(f"memory run failed: {child.stderr.strip().splitlines()[-1:]}")
+            raise cli.UserError(f"memory run failed: {child.stderr.strip().splitlines()[-1:]}")
         figures = json.loads(child.stdout.strip().splitlines()[-1])
         print(f"\nmemory, level 0, batch 10, train_size={figures['train_size']} "
               f"({args['train_size']} linked pairs -> {args['patches']} real files):")
@@ -147,4 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run(main))
+    sys.exit(cli.run(main))

@@ -18,14 +18,14 @@ own, and prints one line. The parts:
 * frame: a 12 MP frame (2976x3968 mosaic, 1488x1984 packed; ``frame_packed=`` sets another
   size) rendered at level 0 as test_model.py does, in strips (automatic height, or each of
   ``frame_rows``; 0 is the whole frame), with each of oneDNN's allocators of
-  ``frame_allocator`` (where oneDNN runs: see test_model.bound_memory) and malloc's pages of
-  ``frame_pages`` (huge: as test_model.py starts itself, utils.run_with_huge_pages); with
+  ``frame_allocator`` (where oneDNN runs: see runtime.bound_memory) and malloc's pages of
+  ``frame_pages`` (huge: as test_model.py starts itself, runtime.run_with_huge_pages); with
   ``frame_whole=true`` also the whole frame at once (tile_size=0, the reference's way: ~6 GiB).
   With ``frame_cli=true`` (the default) also ``test_model.py level=0`` itself on the frame
   written as a PNG, with a level-0 checkpoint of the same weights, as a user runs it: its
   wall time (start-up, reading and writing included) and the whole process's peak RSS.
 * deploy: the exported models (export_model.py) against test_model.py's own path
-  (test_model.render, level 0), on a 448x448 mosaic (one 224x224 packed patch) and a
+  (render.render, level 0), on a 448x448 mosaic (one 224x224 packed patch) and a
   1024x1024 one (``deploy_sizes``): the SavedModel's serving signature, and the TFLite model
   in float32, fp16 weights and int8 weights (quantize=dynamic) in the LiteRT interpreter
   (XNNPACK, its default delegate, one thread per core). Per way and size: seconds per
@@ -53,7 +53,11 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import utils  # noqa: E402
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import files  # noqa: E402
+import images  # noqa: E402
+import runtime  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001 (long runs: show each line as it comes)
 
@@ -79,7 +83,7 @@ PEAK_SHAPES = ((9, 128, 32, 224), (3, 512, 512, 56))
 FRAME_PACKED = (1488, 1984)   # a 12 MP 4:3 frame of 2976 x 3968
 # way -> (description, export_model.export's precision and quantize; None: not exported)
 DEPLOY = {
-    "render": ("test_model.render (tf.function of the Keras model)", None),
+    "render": ("render.render (tf.function of the Keras model)", None),
     "saved_model": ("SavedModel, serving_default signature", None),
     "tflite": ("TFLite float32, LiteRT + XNNPACK", ("fp32", "none")),
     "tflite_fp16": ("TFLite fp16 weights, LiteRT + XNNPACK", ("fp16", "none")),
@@ -91,44 +95,44 @@ def _names(text, known, what):
     names = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise utils.UsageError(f"{what}={text}: expected a comma-separated list of {', '.join(known)}")
+        raise cli.UsageError(f"{what}={text}: expected a comma-separated list of {', '.join(known)}")
     return names
 
 
 def _frame(text):
-    size = utils.parse_size(text, multiple=16)
+    size = cli.parse_size(text, multiple=16)
     if size is None:
-        raise utils.UsageError(f"frame_packed={text}: expected HEIGHTxWIDTH in packed pixels, multiples of 16")
+        raise cli.UsageError(f"frame_packed={text}: expected HEIGHTxWIDTH in packed pixels, multiples of 16")
     return size
 
 
 def _rows(text):
     rows = [t.strip() for t in text.split(",") if t.strip()]
     if not rows or not all(r == "auto" or r.isdigit() for r in rows):
-        raise utils.UsageError(f"frame_rows={text}: expected auto or strip heights such as 32,64")
+        raise cli.UsageError(f"frame_rows={text}: expected auto or strip heights such as 32,64")
     return rows
 
 
 SPEC = [
-    utils.Arg("parts", str, "peak,patches,frame", "what to measure: peak, patches, frame, deploy"),
-    utils.Arg("settings", str, DEFAULT_SETTINGS, f"settings for the patches ({', '.join(SETTINGS)})"),
-    utils.Arg("batch", int, 2, "patches per batch", check=utils.positive),
-    utils.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=utils.positive),
-    utils.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto, or a list such as 32,64"),
-    utils.Arg("frame_allocator", str, "system,pool", "allocators of oneDNN for the frame: system "
+    cli.Arg("parts", str, "peak,patches,frame", "what to measure: peak, patches, frame, deploy"),
+    cli.Arg("settings", str, DEFAULT_SETTINGS, f"settings for the patches ({', '.join(SETTINGS)})"),
+    cli.Arg("batch", int, 2, "patches per batch", check=cli.positive),
+    cli.Arg("repeats", int, 3, "timed runs per measurement (after one warm-up)", check=cli.positive),
+    cli.Arg("frame_rows", str, "auto", "strip heights (packed rows) for the frame: auto, or a list such as 32,64"),
+    cli.Arg("frame_allocator", str, "system,pool", "allocators of oneDNN for the frame: system "
               "(malloc, test_model.py's default) and/or pool (its own, TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0)"),
-    utils.Arg("frame_pages", str, "huge", "malloc's pages for the frame: huge (transparent huge pages, as "
-              "test_model.py runs where glibc and the kernel allow: utils.run_with_huge_pages) and/or small (4 KiB)"),
-    utils.Arg("frame_packed", str, "x".join(map(str, FRAME_PACKED)), "the frame's size in packed pixels "
+    cli.Arg("frame_pages", str, "huge", "malloc's pages for the frame: huge (transparent huge pages, as "
+              "test_model.py runs where glibc and the kernel allow: runtime.run_with_huge_pages) and/or small (4 KiB)"),
+    cli.Arg("frame_packed", str, "x".join(map(str, FRAME_PACKED)), "the frame's size in packed pixels "
               "(HEIGHTxWIDTH, multiples of 16; the default is a 12 MP photo)"),
-    utils.Arg("frame_whole", utils.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
-    utils.Arg("frame_cli", utils.BOOL, True, "also run test_model.py on the frame as a PNG with a checkpoint"),
-    utils.Arg("deploy", str, ",".join(DEPLOY), f"ways to run for parts=deploy ({', '.join(DEPLOY)})"),
-    utils.Arg("deploy_sizes", str, "448x448,1024x1024", "mosaic sizes for parts=deploy (HEIGHTxWIDTH, "
+    cli.Arg("frame_whole", cli.BOOL, False, "also render the frame whole (tile_size=0; ~6 GiB, slow)"),
+    cli.Arg("frame_cli", cli.BOOL, True, "also run test_model.py on the frame as a PNG with a checkpoint"),
+    cli.Arg("deploy", str, ",".join(DEPLOY), f"ways to run for parts=deploy ({', '.join(DEPLOY)})"),
+    cli.Arg("deploy_sizes", str, "448x448,1024x1024", "mosaic sizes for parts=deploy (HEIGHTxWIDTH, "
               "multiples of 2; 448x448 is one 224x224 packed patch)"),
-    utils.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
-              check=utils.positive),
-    utils.Arg("json", str, "", "also write the results to this JSON file"),
+    cli.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
+              check=cli.positive),
+    cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
 
 
@@ -261,31 +265,31 @@ def frame_mosaic(height, width):
 
 
 def child_frame(args):
-    import test_model
+    import render
     from macs import conv_macs
 
     height, width = args["packed"]
     mosaic = frame_mosaic(height, width)
     rows = str(args["rows"])
     tile_size = None if rows == "auto" else int(rows)
-    test_model.return_freed_memory_for([mosaic.shape], tile_size)   # as test_model.py, before the weights
+    render.return_freed_memory_for([mosaic.shape], tile_size)   # as test_model.py, before the weights
     model = sane_model()
     start = time.perf_counter()
-    image = test_model.render(model, mosaic, 0, tile_size)
+    image = render.render(model, mosaic, 0, tile_size)
     seconds = time.perf_counter() - start
     macs = conv_macs(model, height, width, level=0)
-    return {"rows": test_model.auto_tile_size(height, width) if tile_size is None else tile_size, "seconds": seconds,
+    return {"rows": render.auto_tile_size(height, width) if tile_size is None else tile_size, "seconds": seconds,
             "mp_per_s": image.shape[0] * image.shape[1] / seconds / 1e6, "gmac_per_s": macs / seconds / 1e9,
             "tmac": macs / 1e12, "peak_rss_mib": peak_rss_mib()}
 
 
 def child_cli_files(args):
     """The frame as a PNG mosaic and a level-0 checkpoint of sane_model's weights, in args["folder"]."""
-    from model import save_checkpoint
+    from checkpoints import save_checkpoint
 
     folder = args["folder"]
-    save_checkpoint(sane_model(), utils.checkpoint_prefix(os.path.join(folder, "models"), 0, 1000))
-    utils.write_png(os.path.join(folder, "frame.png"), frame_mosaic(*args["packed"]))
+    save_checkpoint(sane_model(), checkpoints.checkpoint_prefix(os.path.join(folder, "models"), 0, 1000))
+    images.write_png(os.path.join(folder, "frame.png"), frame_mosaic(*args["packed"]))
     return {"folder": folder}
 
 
@@ -350,15 +354,15 @@ def child_deploy_run(args):
     mosaic = deploy_mosaic(*size)
     start = time.perf_counter()
     if way == "render":
-        import test_model
+        import render
 
         model = sane_model()
-        run = lambda: test_model.render(model, mosaic, 0)  # noqa: E731
+        run = lambda: render.render(model, mosaic, 0)  # noqa: E731
     else:
-        import export_model
+        import deployed
 
-        deployed = export_model.load(deploy_artefact(args["folder"], way, size), threads=os.cpu_count())
-        run = lambda: deployed(mosaic)  # noqa: E731
+        exported = deployed.load(deploy_artefact(args["folder"], way, size), threads=os.cpu_count())
+        run = lambda: exported(mosaic)  # noqa: E731
     load_s = time.perf_counter() - start
     output = []
     first, times = timed(lambda: output.append(run()), args["repeats"])
@@ -370,12 +374,12 @@ def child_deploy_run(args):
 def _sizes(text):
     sizes = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        size = utils.parse_size(item, multiple=2)
+        size = cli.parse_size(item, multiple=2)
         if size is None:
-            raise utils.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024 (multiples of 2)")
+            raise cli.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024 (multiples of 2)")
         sizes.append(size)
     if not sizes:
-        raise utils.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024")
+        raise cli.UsageError(f"deploy_sizes={text}: expected sizes such as 448x448,1024x1024")
     return sizes
 
 
@@ -435,8 +439,8 @@ def pages_environment(page):
     """Environment variables for a frame child on ``page`` pages: huge ones as test_model.py
     sets them (nothing where this machine cannot), 4 KiB ones by turning the tunable off."""
     if page == "small":
-        return {"GLIBC_TUNABLES": utils.tunables_with_huge_pages(0)}
-    environment = utils.huge_pages_environment()
+        return {"GLIBC_TUNABLES": runtime.tunables_with_huge_pages(0)}
+    environment = runtime.huge_pages_environment()
     return {} if environment is None else {"GLIBC_TUNABLES": environment["GLIBC_TUNABLES"]}
 
 
@@ -483,7 +487,7 @@ def machine():
         litert = "not installed"
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
             "keras": __import__("keras").__version__, "ai_edge_litert": litert,
-            "glibc": " ".join(platform.libc_ver()), "transparent_huge_pages": utils.thp_mode() or "unknown",
+            "glibc": " ".join(platform.libc_ver()), "transparent_huge_pages": runtime.thp_mode() or "unknown",
             "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
 
 
@@ -510,7 +514,7 @@ def measure_frame_cli(frame, allocators, pages, timeout):
 
 
 def main(argv):
-    args = utils.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
+    args = cli.parse_args(argv, SPEC, "benchmarks/bench_inference.py", __doc__.strip().splitlines()[0])
     parts = _names(args["parts"], ("peak", "patches", "frame", "deploy"), "parts")
     deploy = {"ways": _names(args["deploy"], DEPLOY, "deploy"), "sizes": _sizes(args["deploy_sizes"]),
               "repeats": args["repeats"]}
@@ -554,7 +558,7 @@ def main(argv):
     if "frame" in parts:
         megapixels = 4 * frame[0] * frame[1] / 1e6
         print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({megapixels:.1f} MP) -> RGB, "
-              f"level 0, test_model.render:")
+              f"level 0, render.render:")
         results["frame"] = []
         runs = [(r, a, p) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators for p in pages]
         for r_rows, allocator, page in runs:
@@ -579,7 +583,7 @@ def main(argv):
     results["machine"]["load_average_end"] = os.getloadavg()
     print(f"\nload average at the end: {results['machine']['load_average_end'][0]:.2f}")
     if args["json"]:
-        with utils.atomic_path(args["json"]) as tmp:
+        with files.atomic_path(args["json"]) as tmp:
             with open(tmp, "w") as handle:
                 json.dump(results, handle, indent=1)
 
@@ -589,4 +593,4 @@ if __name__ == "__main__":
         request = json.loads(sys.argv[2])
         print(json.dumps(CHILDREN[request.pop("part")](request)))
     else:
-        sys.exit(utils.run(main))
+        sys.exit(cli.run(main))

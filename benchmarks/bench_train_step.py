@@ -35,6 +35,9 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import runtime  # noqa: E402
 import utils  # noqa: E402
 
 REFERENCE_BATCH = utils.REFERENCE_BATCH_SIZES  # by level
@@ -47,9 +50,9 @@ def _levels(text):
     try:
         levels = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise utils.UsageError(f"levels={text}: expected a comma-separated list of levels") from None
+        raise cli.UsageError(f"levels={text}: expected a comma-separated list of levels") from None
     if not levels or any(level not in utils.LEVELS for level in levels):
-        raise utils.UsageError(f"levels={text}: expected levels among 0..5")
+        raise cli.UsageError(f"levels={text}: expected levels among 0..5")
     return sorted(set(levels), reverse=True)
 
 
@@ -58,16 +61,16 @@ def _patch(value):
 
 
 SPEC = [
-    utils.Arg("levels", str, "5,4,3,2,1,0", "comma-separated levels to time"),
-    utils.Arg("batch_size", int, 0, "batch size of every level; 0 = the reference's batch of each level",
-              check=utils.non_negative),
-    utils.Arg("patch_size", int, 224, "packed crop side", check=_patch),
-    utils.Arg("steps", int, 4, "timed steps per variant and level", check=utils.positive),
-    utils.Arg("warmup", int, 2, "untimed steps first (tracing, first allocations)", check=utils.positive),
-    utils.Arg("variants", str, "plain,cli", "what to time: plain, cli (comma-separated)"),
-    utils.Arg("xla", utils.BOOL, False, "compile the steps with XLA (train_model.py xla=true)"),
-    utils.Arg("train_patches", int, 16, "generated training patches", check=utils.positive),
-    utils.Arg("json", str, "", "also write the results to this JSON file"),
+    cli.Arg("levels", str, "5,4,3,2,1,0", "comma-separated levels to time"),
+    cli.Arg("batch_size", int, 0, "batch size of every level; 0 = the reference's batch of each level",
+              check=cli.non_negative),
+    cli.Arg("patch_size", int, 224, "packed crop side", check=_patch),
+    cli.Arg("steps", int, 4, "timed steps per variant and level", check=cli.positive),
+    cli.Arg("warmup", int, 2, "untimed steps first (tracing, first allocations)", check=cli.positive),
+    cli.Arg("variants", str, "plain,cli", "what to time: plain, cli (comma-separated)"),
+    cli.Arg("xla", cli.BOOL, False, "compile the steps with XLA (train_model.py xla=true)"),
+    cli.Arg("train_patches", int, 16, "generated training patches", check=cli.positive),
+    cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
 
 
@@ -113,24 +116,24 @@ def kernels_in_use() -> str:
 
         onednn = "oneDNN" if _pywrap_util_port.IsMklEnabled() else "TensorFlow's own (Eigen)"
     except (ImportError, AttributeError):
-        onednn = f"{utils.ONEDNN_VARIABLE}={os.environ.get(utils.ONEDNN_VARIABLE, 'default')}"
+        onednn = f"{runtime.ONEDNN_VARIABLE}={os.environ.get(runtime.ONEDNN_VARIABLE, 'default')}"
     return f"{onednn}, TensorFlow {tf.__version__}"
 
 
 # ---------------------------------------------------------------------------------------
 # the variants
 
-def plain_step(trainer):
+def plain_step(job):
     """The network, the level's loss and Adam as one tf.function, nothing around it."""
     import tensorflow as tf
 
     import losses
 
-    view, optimizer, level, vgg = trainer.view, trainer.optimizer, trainer.level, trainer.vgg
+    view, optimizer, level, vgg = job.view, job.optimizer, job.level, job.vgg
     variables = view.trainable_variables
-    raw, target = next(iter(trainer.train_ds))
+    raw, target = next(iter(job.train_ds))
 
-    @tf.function(jit_compile=trainer.args["xla"])
+    @tf.function(jit_compile=job.args["xla"])
     def step(raw, target):
         with tf.GradientTape() as tape:
             per_image, _ = losses.level_loss_per_image(level, view(raw, training=True), target, vgg, vgg is not None)
@@ -156,7 +159,7 @@ class LoopClock:
     def _run(self):
         try:
             self.go.acquire()
-            self.trainer.run()
+            self.job.run()
         except BaseException as exc:  # noqa: BLE001 - reported by advance()
             self.error = exc
         finally:
@@ -178,20 +181,20 @@ class LoopClock:
 
 def bench_level(level, model, work, dataset, vgg_path, opts):
     import train_model
+    import trainer
 
     batch = opts["batch_size"] or REFERENCE_BATCH[level]
     models_dir = os.path.join(work, f"models_{level}")
     if level < 5:  # the hand-over needs a level+1 checkpoint; its values do not matter here
-        import model as pynet
 
-        pynet.save_checkpoint(model, utils.checkpoint_prefix(models_dir, level + 1, 0))
+        checkpoints.save_checkpoint(model, checkpoints.checkpoint_prefix(models_dir, level + 1, 0))
     iters = opts["warmup"] + opts["steps"] + 1
     argv = [f"level={level}", f"dataset_dir={dataset}", f"batch_size={batch}", f"patch_size={opts['patch_size']}",
             f"vgg_dir={vgg_path}", f"models_dir={models_dir}", f"results_dir={os.path.join(work, 'results')}",
             f"num_train_iters={iters}", f"eval_step={10 * iters}", f"eval_batch_size={min(batch, 2)}",
             f"xla={str(opts['xla']).lower()}", "progress=false"]
     args = train_model.parse_arguments(argv)
-    trainer = train_model.Trainer(args, model=model, out=lambda *a: None)
+    job = trainer.Trainer(args, model=model, out=lambda *a: None)
     variants = [v.strip() for v in opts["variants"].split(",") if v.strip()]
     runners = {}
     if "plain" in variants:
@@ -216,17 +219,17 @@ def bench_level(level, model, work, dataset, vgg_path, opts):
         while clock.thread.is_alive():  # let the loop finish (last evaluation and checkpoint)
             clock.go.release()
             clock.thread.join(timeout=1)
-    flops = training_flops(model, level, opts["patch_size"], batch, trainer.vgg is not None)
+    flops = training_flops(model, level, opts["patch_size"], batch, job.vgg is not None)
     return {name: {"level": level, "batch_size": batch, "patch_size": opts["patch_size"],
                    "step_s": wall[name] / opts["steps"], "cpu_s": cpu[name] / opts["steps"],
                    "gflops": flops / (wall[name] / opts["steps"]) / 1e9} for name in runners}
 
 
 def main(argv):
-    opts = utils.parse_args(argv, SPEC, "benchmarks/bench_train_step.py", "Time the training step of each level.")
+    opts = cli.parse_args(argv, SPEC, "benchmarks/bench_train_step.py", "Time the training step of each level.")
     levels = _levels(opts["levels"])
     smallest = min(opts["batch_size"] or REFERENCE_BATCH[level] for level in levels)
-    utils.select_cpu_kernels(training=True, smallest_batch=smallest)
+    runtime.select_cpu_kernels(training=True, smallest_batch=smallest)
     import tensorflow as tf
 
     import make_sample_dataset
@@ -266,4 +269,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(utils.run(main))
+    sys.exit(cli.run(main))

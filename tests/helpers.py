@@ -203,13 +203,13 @@ def assign_sane_weights(model, rng):
 
 
 def captured_gradient(model, view_level, batches, accum_steps, batch_size, strategy=None, xla=False):
-    """The gradient that train_model.Steps hands to the optimizer for one update made from
+    """The gradient that steps.Steps hands to the optimizer for one update made from
     ``batches`` (its micro-batches), caught by an optimizer that stores it instead of
     applying it (after Keras' all-reduce over replicas)."""
     import keras
     import tensorflow as tf
 
-    import train_model
+    import steps
     from model import level_model
 
     class Capture(keras.optimizers.Optimizer):
@@ -228,7 +228,7 @@ def captured_gradient(model, view_level, batches, accum_steps, batch_size, strat
     with strategy.scope():
         optimizer = Capture()
         optimizer.build(view.trainable_variables)
-    steps = train_model.Steps(strategy, view, optimizer, view_level, None, batch_size, accum_steps, False, xla)
+    steps = steps.Steps(strategy, view, optimizer, view_level, None, batch_size, accum_steps, False, xla)
     feed = iter(batches)
     steps.train_step(lambda: next(feed))
     return {v.path: np.array(c.numpy()) for v, c in zip(view.trainable_variables, optimizer.caught)}

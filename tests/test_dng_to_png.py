@@ -13,8 +13,8 @@ import png  # pypng
 import pytest
 import rawpy
 
+import cli
 import dng_to_png
-import utils
 from helpers import ROOT, write_dng
 
 
@@ -105,7 +105,7 @@ def test_several_files_a_folder_and_output_dir(tmp_path, capsys):
     write_dng(tmp_path / "c.dng", single)
     (folder / "notes.txt").write_text("not a dng")
     out_dir = tmp_path / "out"
-    assert utils.run(dng_to_png.main, [str(folder), str(tmp_path / "c.dng"), f"output_dir={out_dir}"]) == 0
+    assert cli.run(dng_to_png.main, [str(folder), str(tmp_path / "c.dng"), f"output_dir={out_dir}"]) == 0
     assert sorted(os.listdir(out_dir)) == ["a.png", "b.png", "c.png"]
     np.testing.assert_array_equal(read_png(out_dir / "a.png"), mosaics["a.dng"])
     np.testing.assert_array_equal(read_png(out_dir / "b.png"), mosaics["b.DNG"])
@@ -127,7 +127,7 @@ def test_non_bayer_files_are_refused(tmp_path, kind):
     options = NON_BAYER[kind]
     shape = (24, 36, 3) if options.get("linear") else (24, 36)
     path = write_dng(tmp_path / "x.dng", np.random.default_rng(4).integers(0, 1024, shape), **options)
-    with pytest.raises(utils.UserError, match=kind) as error:
+    with pytest.raises(cli.UserError, match=kind) as error:
         dng_to_png.convert(path, log=lambda line: None)
     assert path in str(error.value) and "\n" not in str(error.value)
     assert not os.path.exists(tmp_path / "x.png")
@@ -162,6 +162,6 @@ def test_truncated_dng_is_refused(tmp_path):
     good = write_dng(tmp_path / "g.dng", np.zeros((64, 96), np.uint16))
     data = open(good, "rb").read()
     (tmp_path / "t.dng").write_bytes(data[: len(data) // 3])
-    with pytest.raises(utils.UserError, match="cannot read it as a raw DNG") as error:
+    with pytest.raises(cli.UserError, match="cannot read it as a raw DNG") as error:
         dng_to_png.convert(str(tmp_path / "t.dng"), log=lambda line: None)
     assert "\n" not in str(error.value)

@@ -11,10 +11,13 @@ from PIL import Image
 from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import camera
 import evaluate_accuracy as ev
+import process
+from camera import extract_bayer_channels
 from helpers import ROOT
-from load_dataset import extract_bayer_channels, load_target
-from utils import to_uint
+from images import to_uint
+from load_dataset import load_target
 
 # ---------------------------------------------------------------------------------------
 # independent references
@@ -89,7 +92,7 @@ def test_ms_ssim_equals_an_independent_implementation():
 def test_8bit_metrics_score_the_clipped_rounded_picture():
     enhanced, target = noisy_pairs(np.random.default_rng(2), 2, 48)
     quantised = ev.quantise_8bit(enhanced)
-    # what test_model.py saves (utils.to_uint, clipping) and PIL reads back
+    # what test_model.py saves (images.to_uint, clipping) and PIL reads back
     stored = np.stack([np.asarray(Image.fromarray(to_uint(e, 8))) for e in enhanced]).astype(np.float64) / 255
     np.testing.assert_allclose(quantised, stored, atol=1e-7)
     scores = ev.all_metrics(enhanced, target)
@@ -105,7 +108,7 @@ def test_8bit_metrics_score_the_clipped_rounded_picture():
 
 def test_packed_input_goes_back_to_the_mosaic():
     mosaic = np.random.default_rng(3).integers(0, 1024, (8, 12)).astype(np.uint16)
-    back = ev._mosaic_from_packed(extract_bayer_channels(mosaic)[None])[0]
+    back = camera.mosaic_from_packed(extract_bayer_channels(mosaic)[None])[0]
     np.testing.assert_allclose(back, mosaic, atol=1e-9)
 
 
@@ -114,7 +117,7 @@ def test_bilinear_demosaic_is_exact_on_a_ramp_inside_the_frame():
     planes = [3 + 2 * rows + 0.5 * cols, 10 - rows + 4 * cols, 1 + 0.25 * rows - 0.75 * cols]  # R, G, B
     mosaic = np.where((rows % 2 == 0) & (cols % 2 == 0), planes[0],
                       np.where((rows % 2) != (cols % 2), planes[1], planes[2]))
-    rgb = ev.bilinear_demosaic(mosaic)
+    rgb = process.bilinear_demosaic(mosaic)
     for c in range(3):
         np.testing.assert_allclose(rgb[2:-2, 2:-2, c], planes[c][2:-2, 2:-2], atol=1e-9)
         # samples of a colour are kept where the mosaic has them, border included
@@ -126,13 +129,13 @@ def test_baseline_turns_a_flat_colour_into_flat_gray_with_srgb_gamma():
     black, red, green, blue = 64, 700, 400, 250
     mosaic = np.full((16, 16), green, np.uint16)
     mosaic[0::2, 0::2], mosaic[1::2, 1::2] = red, blue
-    out = ev.baseline_isp(extract_bayer_channels(mosaic)[None], black_level=black)[0]
+    out = process.baseline_isp(extract_bayer_channels(mosaic)[None], black_level=black)[0]
     linear = (green - black) / (1023 - black)     # gray world maps every channel to green's level
     expected = 1.055 * linear ** (1 / 2.4) - 0.055  # sRGB, above the linear toe
     assert out.shape == (16, 16, 3)
     np.testing.assert_allclose(out, expected, atol=1e-6)
-    assert ev.srgb_gamma(np.array([0.18, 0.002]))[0] == pytest.approx(0.46135612950044164, abs=1e-9)
-    assert ev.srgb_gamma(np.array([0.002]))[0] == pytest.approx(12.92 * 0.002)
+    assert process.srgb_gamma(np.array([0.18, 0.002]))[0] == pytest.approx(0.46135612950044164, abs=1e-9)
+    assert process.srgb_gamma(np.array([0.002]))[0] == pytest.approx(12.92 * 0.002)
 
 
 # ---------------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ def test_baseline_scores_match_scikit_image_on_the_same_pictures(small_dataset, 
     for i in range(3):
         mosaic = np.asarray(Image.open(small_dataset / "test" / "huawei_raw" / f"{i}.png"))
         target = load_target(str(small_dataset / "test" / "canon" / f"{i}.jpg"), 0)  # the reference's targets
-        out = ev.baseline_isp(extract_bayer_channels(mosaic)[None])[0]
+        out = process.baseline_isp(extract_bayer_channels(mosaic)[None])[0]
         psnrs.append(sk_psnr(out, target))
         ssims.append(sk_ssim(out, target))
     with open(tmp_path / "s.csv") as handle:
@@ -188,14 +191,15 @@ def test_baseline_scores_match_scikit_image_on_the_same_pictures(small_dataset, 
 
 @pytest.mark.slow
 def test_pynet_level_is_scored_against_that_levels_target(full_model, small_dataset):
+    import data_pipeline
     import load_dataset
 
     level = 3
     from render import level_function
 
     predict = level_function(full_model, level)
-    dataset, log = load_dataset.test_dataset(str(small_dataset), level, 2, drop_remainder=False, verbose=False)
-    scores = ev.evaluate(predict, load_dataset.batches(dataset, log), total=3, progress=False)
+    dataset, log = data_pipeline.test_dataset(str(small_dataset), level, 2, drop_remainder=False, verbose=False)
+    scores = ev.evaluate(predict, data_pipeline.batches(dataset, log), total=3, progress=False)
     assert len(scores["psnr"]) == 3 and scores["ms_ssim"] is None   # 56 x 56 targets
     for i in range(3):
         raw, target = load_dataset.load_pair(str(small_dataset), "test", i, level)

@@ -13,14 +13,19 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import checkpoints
+import cli
+import deployed
 import export_model
+import images
+import render
+import serving
 import test_model
-import utils
+from camera import extract_bayer_channels
+from checkpoints import load_checkpoint, save_checkpoint
+from cli import UsageError, UserError
 from helpers import ROOT, assign_sane_weights
-from load_dataset import extract_bayer_channels
-from model import load_checkpoint, save_checkpoint
 from render import pad_to_multiple
-from utils import UsageError, UserError
 
 ITERATION = 1000
 SMALL = (64, 64)     # level 0's TFLite size: a multiple of 32 mosaic pixels, so no padding inside
@@ -58,7 +63,7 @@ def run_script(script, cwd, *args):
 @pytest.fixture(scope="module")
 def release(full_model, module_tmp):
     """A seeded checkpoint (models/pynet_level_{0,5}_iteration_1000.ckpt), the mosaics, the
-    artefacts exported in this process from that checkpoint, test_model.render's float output
+    artefacts exported in this process from that checkpoint, render.render's float output
     for each mosaic at levels 0 and 5, and the processes started on the artefacts as soon as
     they exist ("background": the conversions here run on one core, those on the other).
     full_model's weights are restored before use."""
@@ -89,18 +94,18 @@ def release(full_model, module_tmp):
         (root / "sm_l0").mkdir()
         (root / "sm_l0" / "saved_model.pb").write_bytes(b"old")
         export_model.export(full_model, 0, ITERATION, "saved_model", str(root / "sm_l0"))
-        export_model.export(full_model, 5, export_model.RELEASED_ITERATION, "saved_model", str(root / "sm_l5_float"),
+        export_model.export(full_model, 5, checkpoints.RELEASED_ITERATION, "saved_model", str(root / "sm_l5_float"),
                             output_type="float")
         background["saved_models"] = start_fresh(root, "saved_models", {
             "sm_l0": (str(root / "sm_l0"), ["square", "odd", "uneven"]),
             "sm_l5_float": (str(root / "sm_l5_float"), ["square", "odd", "large"])})
         background["render_sm"] = start_script("test_model.py", root, f"model={root / 'sm_l0'}", f"input={inputs}",
                                                f"output_dir={root / 'out_sm'}")
-        sizes = {"l0_fp32": export_model.export(full_model, 0, export_model.RELEASED_ITERATION, "tflite",
+        sizes = {"l0_fp32": export_model.export(full_model, 0, checkpoints.RELEASED_ITERATION, "tflite",
                                                 str(root / "l0.tflite"), "float", SMALL)}
         sizes["l5_dynamic"] = export_model.export(full_model, 5, ITERATION, "tflite", str(root / "l5_dynamic.tflite"),
                                                   "uint8", LARGE, quantize="dynamic")
-        expected = {(level, name): test_model.render(full_model, raw, level)
+        expected = {(level, name): render.render(full_model, raw, level)
                     for level in (0, 5) for name, raw in mosaics.items() if level == 5 or name != "large"}
     except BaseException:
         for process in background.values():
@@ -182,7 +187,7 @@ def test_saved_model_gives_test_model_s_8_bit_pixels(release, fresh):
         got = fresh[f"sm_l0/{name}"]
         assert got.dtype == np.uint8
         # an odd last row and column are dropped, as extract_bayer_channels drops them
-        np.testing.assert_array_equal(got, utils.to_uint(release["expected"][(0, name)]))
+        np.testing.assert_array_equal(got, images.to_uint(release["expected"][(0, name)]))
     assert fresh["sm_l0/odd"].shape == (70, 98, 3) and fresh["sm_l0/uneven"].shape == (70, 98, 3)
     assert list(fresh["sm_l0/info"]) == [0, ITERATION]
 
@@ -193,21 +198,23 @@ def test_saved_model_float_output_and_other_levels(release, fresh):
         assert got.dtype == np.float32 and got.shape == expected.shape          # 2x3 for 70x98, rounded down
         np.testing.assert_allclose(got, np.clip(expected, 0, 1), atol=1e-5)
     assert fresh["sm_l5_float/odd"].shape == (2, 3, 3)
-    assert list(fresh["sm_l5_float/info"]) == [5, export_model.RELEASED_ITERATION]
+    assert list(fresh["sm_l5_float/info"]) == [5, checkpoints.RELEASED_ITERATION]
 
 
 def test_tflite_float32_matches_keras(release, fresh):
     got, expected = fresh["l0/square"], np.clip(release["expected"][(0, "square")], 0, 1)
     assert got.dtype == np.float32 and got.shape == (64, 64, 3)
     np.testing.assert_allclose(got, expected, atol=1e-4)
-    assert list(fresh["l0/info"]) == [0, export_model.RELEASED_ITERATION]
+    assert list(fresh["l0/info"]) == [0, checkpoints.RELEASED_ITERATION]
     # the weights are in the file: 47.5M float32 parameters
     assert release["sizes"]["l0_fp32"] > 4 * 47_000_000
 
 
 def test_reduced_precision_tflite_stays_close_to_float32(release, cli_export, fresh):
     assert cli_export.returncode == 0, cli_export.stderr
-    assert re.fullmatch(rf"models/pynet_level_5_iteration_{ITERATION}.ckpt -> cli/l5_fp16.tflite \(\d+\.\d MiB\)",
+    assert re.fullmatch(rf"note: LiteRT needs about 0\.3 GiB to run a model for {LARGE[0]}x{LARGE[1]} mosaics \(about "
+                        rf"4\.5 GiB per megapixel\)\n"
+                        rf"models/pynet_level_5_iteration_{ITERATION}.ckpt -> cli/l5_fp16.tflite \(\d+\.\d MiB\)",
                         cli_export.stdout.strip()), cli_export.stdout
     expected = np.clip(release["expected"][(5, "large")], 0, 1)
     fp16, dynamic = fresh["l5_fp16/large"], fresh["l5_dynamic/large"]
@@ -227,7 +234,7 @@ def test_reduced_precision_tflite_stays_close_to_float32(release, cli_export, fr
 @pytest.mark.parametrize("shape", [(2, 2), (6, 10), (71, 99), (64, 96)])
 def test_packing_and_padding_in_the_graph_equal_numpy_s(shape):
     raw = mosaic(np.random.default_rng(sum(shape)), *shape)
-    graph = tf.function(lambda r: export_model.pad_packed(export_model.pack_mosaic(r)),
+    graph = tf.function(lambda r: serving.pad_packed(serving.pack_mosaic(r)),
                         input_signature=[tf.TensorSpec([None, None], tf.uint16)])
     # bit for bit, also in a graph, where Grappler would turn a plain division into a multiplication
     np.testing.assert_array_equal(graph(tf.constant(raw)).numpy(), pad_to_multiple(extract_bayer_channels(raw))[0])
@@ -251,7 +258,7 @@ def test_test_model_renders_with_a_saved_model(release):
                                        f"square_level_0_iteration_{ITERATION}.png"]
     for name in ("square", "odd"):
         with Image.open(out / f"{name}_level_0_iteration_{ITERATION}.png") as picture:
-            np.testing.assert_array_equal(np.asarray(picture), utils.to_uint(release["expected"][(0, name)]))
+            np.testing.assert_array_equal(np.asarray(picture), images.to_uint(release["expected"][(0, name)]))
 
 
 def test_test_model_renders_with_a_tflite_file(release, tmp_path, capsys):
@@ -269,20 +276,20 @@ def test_test_model_renders_with_a_tflite_file(release, tmp_path, capsys):
 
 def test_what_an_exported_model_cannot_render_is_one_line(release):
     tflite = str(release["root"] / "l0.tflite")
-    deployed = export_model.load_for_rendering(tflite, bits=16, stretch=False)
-    assert (deployed.level, deployed.iteration, deployed.float_output, deployed.size) == (0, "None", True, SMALL)
+    exported = deployed.load_for_rendering(tflite, bits=16, stretch=False)
+    assert (exported.level, exported.iteration, exported.float_output, exported.size) == (0, "None", True, SMALL)
     with pytest.raises(UserError) as error:
-        deployed(release["mosaics"]["odd"])
+        exported(release["mosaics"]["odd"])
     assert str(error.value) == (f"model={tflite}: takes 64x64 mosaics, not 70x98 (export one with format=tflite "
                                 f"size=70x98, or a SavedModel, which takes any size)")
     with pytest.raises(UsageError, match="bits=16: .* returns 8-bit pictures"):
-        export_model.load_for_rendering(str(release["root"] / "l5_dynamic.tflite"), bits=16, stretch=False)
+        deployed.load_for_rendering(str(release["root"] / "l5_dynamic.tflite"), bits=16, stretch=False)
     with pytest.raises(UsageError, match="stretch=true: needs the network's unclipped output"):
-        export_model.load_for_rendering(tflite, bits=8, stretch=True)
+        deployed.load_for_rendering(tflite, bits=8, stretch=True)
     with pytest.raises(UserError, match="no such SavedModel folder or .tflite file"):
-        export_model.load(str(release["root"] / "absent"))
+        deployed.load(str(release["root"] / "absent"))
     with pytest.raises(UserError, match="a folder without saved_model.pb"):
-        export_model.load(str(release["root"] / "models"))
+        deployed.load(str(release["root"] / "models"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,7 +298,13 @@ def test_what_an_exported_model_cannot_render_is_one_line(release):
 @pytest.mark.parametrize("args,code,message", [
     (["format=onnx"], 2, "error: format=onnx: expected one of saved_model, tflite"),
     (["format=tflite", "size=63x64"], 2, "error: size=63x64: expected HEIGHTxWIDTH of the mosaic in pixels, both "
-                                         "positive multiples of 2 (e.g. 2944x3968)"),
+                                         "positive multiples of 2 (e.g. 1024x1024)"),
+    (["format=tflite", "size=2x2"], 2, "error: size=2x2: the network's smallest input is a 32x32 mosaic"),
+    (["format=tflite", "size=30x64"], 2, "error: size=30x64: the network's smallest input is a 32x32 mosaic"),
+    (["format=tflite", "size=100000x100000"], 2, "error: size=100000x100000: 10000 MP would need about "
+                                                 "45000 GiB to run in LiteRT"),
+    (["format=tflite", "output=photo.jpg"], 1, "error: output=photo.jpg: an existing file that is not a .tflite "
+                                               "model; refusing to replace it"),
     (["format=tflite", "size=big"], 2, "error: size=big: expected HEIGHTxWIDTH"),
     (["size=64x64"], 2, "error: size=64x64: applies to format=tflite only"),
     (["format=tflite", "precision=fp16", "quantize=dynamic"], 2, "error: quantize=dynamic stores int8 weights"),
@@ -299,19 +312,44 @@ def test_what_an_exported_model_cannot_render_is_one_line(release):
     (["level=2"], 1, "error: no checkpoint pynet_level_2_iteration_*.ckpt in models/: train level 2 first"),
     (["orig=true"], 1, "error: models/original/pynet_level_0.ckpt: the authors' released weights are not there"),
     (["output=taken"], 1, "error: output=taken: is a file; a SavedModel is a folder"),
-    (["output=notes/"], 1, "error: output=notes/: a folder that is not a SavedModel (no saved_model.pb)"),
+    (["output=notes/"], 1, "error: output=notes/: holds files that are not an earlier export's (a.txt)"),
+    (["output=mixed/"], 1, "error: output=mixed/: holds files that are not an earlier export's (mine.txt)"),
     (["format=tflite", "output=notes"], 1, "error: output=notes: is a folder; format=tflite writes one file"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, code, message):
     (tmp_path / "taken").write_text("keep")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8 a user's photo")
+    (tmp_path / "mixed" / "variables").mkdir(parents=True)
+    (tmp_path / "mixed" / "saved_model.pb").write_bytes(b"an earlier export")
+    (tmp_path / "mixed" / "mine.txt").write_text("keep")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     result = run_script("export_model.py", tmp_path, *args)
     assert result.returncode == code
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message), result.stderr
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "taken").read_text() == "keep"
+    assert (tmp_path / "photo.jpg").read_bytes() == b"\xff\xd8 a user's photo"
+
+
+def test_only_an_earlier_exports_own_files_are_replaced_without_overwrite(tmp_path):
+    earlier = tmp_path / "earlier"
+    (earlier / "variables").mkdir(parents=True)
+    for name in ("saved_model.pb", "fingerprint.pb"):
+        (earlier / name).write_bytes(b"x")
+    export_model.check_output(str(earlier), "saved_model")            # TensorFlow's own entries only
+    (earlier / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files that are not an earlier export's \(notes.txt\)"):
+        export_model.check_output(str(earlier), "saved_model")
+    export_model.check_output(str(earlier), "saved_model", overwrite=True)
+    model = tmp_path / "old.tflite"
+    model.write_bytes(b"\x1c\x00\x00\x00TFL3" + bytes(24))        # a flatbuffer's header
+    export_model.check_output(str(model), "tflite")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(UserError, match="an existing file that is not a .tflite model"):
+        export_model.check_output(str(tmp_path / "photo.jpg"), "tflite")
+    export_model.check_output(str(tmp_path / "photo.jpg"), "tflite", overwrite=True)
 
 
 def test_a_failed_export_leaves_the_earlier_one_and_no_temporary_files(full_model, tmp_path, monkeypatch):
@@ -333,11 +371,11 @@ def test_a_failed_export_leaves_the_earlier_one_and_no_temporary_files(full_mode
 
 def test_default_output_names_say_what_is_inside():
     def output(*tokens):
-        return export_model.checked_params(utils.parse_args(list(tokens), export_model.ARGS, "export_model.py"))
+        return export_model.checked_args(cli.parse_args(list(tokens), export_model.ARGS, "export_model.py"))
 
     assert output()["output"] == os.path.join("exported", "pynet_level_0")
-    params = output("level=1", "format=tflite", "precision=fp16")
-    assert params["output"] == os.path.join("exported", "pynet_level_1_2944x3968_fp16.tflite")
-    assert params["size"] == (2944, 3968)
+    args = output("level=1", "format=tflite", "precision=fp16")
+    assert args["output"] == os.path.join("exported", "pynet_level_1_1024x1024_fp16.tflite")
+    assert args["size"] == (1024, 1024)
     assert output("format=tflite", "size=1024x512", "quantize=dynamic")["output"] == \
         os.path.join("exported", "pynet_level_0_1024x512_dynamic.tflite")

@@ -14,7 +14,9 @@ import time
 import numpy as np
 import pytest
 
-import utils
+import checkpoints
+import images
+import runtime
 from helpers import ROOT
 
 AVX512 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"}
@@ -43,7 +45,7 @@ needs_avx2 = pytest.mark.skipif(not os.path.exists("/proc/cpuinfo") or not {"avx
     (set(), True, 10, None),      # unknown CPU: TensorFlow's own default
 ])
 def test_choice_per_cpu_and_use(flags, training, batch, expected):
-    choice, why = utils.choose_onednn(training, batch, flags)
+    choice, why = runtime.choose_onednn(training, batch, flags)
     assert choice is expected
     assert why
 
@@ -54,7 +56,7 @@ def env_without_choice(**extra):
     return env
 
 
-CHOICE = ("import os, utils; utils.select_cpu_kernels(training={training}, smallest_batch={batch}); "
+CHOICE = ("import os, runtime; runtime.select_cpu_kernels(training={training}, smallest_batch={batch}); "
           "print('value', os.environ.get('TF_ENABLE_ONEDNN_OPTS'))")
 
 
@@ -86,7 +88,7 @@ def test_no_choice_once_tensorflow_runs(capsys, monkeypatch):
     import tensorflow  # noqa: F401 - the situation under test: TensorFlow already started
 
     monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
-    utils.select_cpu_kernels(training=True, smallest_batch=4)
+    runtime.select_cpu_kernels(training=True, smallest_batch=4)
     assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ
     assert capsys.readouterr().out == ""
 
@@ -96,12 +98,12 @@ def test_no_choice_once_tensorflow_runs(capsys, monkeypatch):
 def test_level0_render_of_a_small_mosaic_is_not_pathological(full_model, tmp_path):
     """test_model.py with its default kernels renders a 128x128 mosaic (64x64 packed) at level 0
     in seconds on an AVX2-capped oneDNN, where oneDNN's kernels would take minutes."""
-    from model import save_checkpoint
+    from checkpoints import save_checkpoint
 
     models = tmp_path / "models"
-    save_checkpoint(full_model, utils.checkpoint_prefix(str(models), 0, 1))
+    save_checkpoint(full_model, checkpoints.checkpoint_prefix(str(models), 0, 1))
     mosaic = np.random.default_rng(0).integers(0, 1024, (128, 128)).astype(np.uint16)
-    utils.write_png(str(tmp_path / "small.png"), mosaic)
+    images.write_png(str(tmp_path / "small.png"), mosaic)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "test_model.py", "level=0", f"models_dir={models}",
                            f"input={tmp_path / 'small.png'}", f"output_dir={tmp_path / 'out'}"], cwd=str(ROOT),
@@ -110,7 +112,7 @@ def test_level0_render_of_a_small_mosaic_is_not_pathological(full_model, tmp_pat
     took = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CPU kernels: TensorFlow's own (Eigen)" in proc.stdout
-    if utils.huge_pages_environment(env_without_choice()) is not None:  # started again on huge pages
+    if runtime.huge_pages_environment(env_without_choice()) is not None:  # started again on huge pages
         assert "Memory: malloc on transparent huge pages" in proc.stdout
     assert (tmp_path / "out" / "small_level_0_iteration_1.png").is_file()
     # building the model and loading 190 MB take ~15-30 s; oneDNN's fallback takes > 4 minutes

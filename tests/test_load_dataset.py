@@ -13,8 +13,10 @@ import png  # pypng: writes the test PNGs independently of Pillow/imageio
 import pytest
 from PIL import Image
 
+import camera
+import cli
+import data_pipeline
 import load_dataset as ld
-import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +63,7 @@ def index_of(raw_sample):
 def collect(pipeline, batches):
     dataset, log = pipeline
     out = []
-    for raw, target in ld.batches(dataset.take(batches), log):
+    for raw, target in data_pipeline.batches(dataset.take(batches), log):
         out.append((raw.numpy(), target.numpy()))
     return out
 
@@ -72,7 +74,7 @@ def collect(pipeline, batches):
 def test_packing_order_against_explicit_loops():
     rng = np.random.default_rng(1)
     raw = rng.integers(0, 1024, (6, 10))
-    packed = ld.extract_bayer_channels(raw)
+    packed = camera.extract_bayer_channels(raw)
     assert packed.shape == (3, 5, 4) and packed.dtype == np.float32
     for y in range(3):
         for x in range(5):
@@ -85,13 +87,13 @@ def test_sizes_per_level_match_the_reference_table():
     assert [ld.dslr_scale(level) for level in range(6)] == [2, 1, 0.5, 0.25, 0.125, 0.0625]
     assert [ld.target_size(level) for level in range(6)] == [448, 224, 112, 56, 28, 14]
     assert [ld.target_size(level, 32) for level in range(6)] == [64, 32, 16, 8, 4, 2]
-    with pytest.raises(utils.UserError):
+    with pytest.raises(cli.UserError):
         ld.dslr_scale(6)
 
 
 @pytest.mark.parametrize("patch", [0, 8, 20, 240, 225, 16.0, True])
 def test_bad_patch_sizes_are_refused(patch):
-    with pytest.raises(utils.UserError, match="multiple of 16"):
+    with pytest.raises(cli.UserError, match="multiple of 16"):
         ld.check_patch(patch)
 
 
@@ -135,7 +137,7 @@ def test_target_is_pillow_bicubic_of_the_uint8_jpeg(tmp_path, level):
 def test_rotation_and_flip_follow_the_reference_distribution():
     # randint(1, 100) % 4: P(k=0) = 24/99, P(k=1..3) = 25/99; flip: 50/99. With 200k draws the
     # standard error is ~0.001, so a uniform k (0.25 each) would be 7 standard errors off.
-    plan = ld.train_plan(np.arange(5), batch_size=1000, train_size=5, seed=3)
+    plan = data_pipeline.train_plan(np.arange(5), batch_size=1000, train_size=5, seed=3)
     draws = np.array([next(plan) for _ in range(200000)])
     k_freq = np.bincount(draws[:, 1], minlength=4) / len(draws)
     np.testing.assert_allclose(k_freq, [24 / 99, 25 / 99, 25 / 99, 25 / 99], atol=0.004)
@@ -145,7 +147,7 @@ def test_rotation_and_flip_follow_the_reference_distribution():
 
 def test_subset_is_redrawn_after_the_first_batch_then_every_refresh():
     batch, train_size, refresh = 4, 3, 5
-    plan = ld.train_plan(np.arange(100, 120), batch, train_size, seed=0, refresh_every=refresh)
+    plan = data_pipeline.train_plan(np.arange(100, 120), batch, train_size, seed=0, refresh_every=refresh)
     windows = [1] + [refresh] * 6
     subsets = []
     for n_batches in windows:
@@ -158,7 +160,7 @@ def test_subset_is_redrawn_after_the_first_batch_then_every_refresh():
 
 def test_whole_set_is_shuffled_and_covered_each_pass():
     indices = np.arange(10, 30)
-    plan = ld.train_plan(indices, batch_size=4, whole=True, seed=5)
+    plan = data_pipeline.train_plan(indices, batch_size=4, whole=True, seed=5)
     first = [int(next(plan)[0]) for _ in range(20)]
     second = [int(next(plan)[0]) for _ in range(20)]
     assert sorted(first) == sorted(second) == list(indices)
@@ -168,7 +170,7 @@ def test_whole_set_is_shuffled_and_covered_each_pass():
 def test_crop_offsets_stay_on_the_target_grid():
     for level in range(6):
         step = max(1, 2 ** (level - 1))
-        plan = ld.train_plan(np.arange(3), batch_size=2, patch=32, level=level, seed=level)
+        plan = data_pipeline.train_plan(np.arange(3), batch_size=2, patch=32, level=level, seed=level)
         offsets = np.array([next(plan)[3:] for _ in range(500)])
         assert offsets.min() >= 0 and offsets.max() <= 224 - 32
         assert (offsets % step == 0).all()
@@ -200,7 +202,7 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
         write_png_mosaic(os.path.join(root, "train", "huawei_raw", f"{i}.png"), np.kron(cells[i], np.ones((2, 2))))
     full_targets = {i: ld.load_target(os.path.join(root, "train", "canon", f"{i}.jpg"), 0) for i in range(3)}
     seen = set()
-    for raw, target in collect(ld.train_dataset(root, 0, batch_size=4, train_size=3, seed=7, verbose=False), 8):
+    for raw, target in collect(data_pipeline.train_dataset(root, 0, batch_size=4, train_size=3, seed=7, verbose=False), 8):
         for r, t in zip(raw, target):
             matches = [(i, k, f) for i in cells for k, f in TRANSFORMS
                        if np.array_equal(r[..., 2], transform(cells[i] / np.float32(1020), k, f).astype(np.float32))]
@@ -217,8 +219,8 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
 def test_pipeline_equals_the_plan_applied_by_hand(tmp_path):
     root = make_dataset(tmp_path / "d", 5, 1)
     level, patch, batch = 2, 48, 3
-    pipeline = ld.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2, verbose=False)
-    plan = ld.train_plan(list(range(5)), batch, 4, False, patch, level, 11, 2)
+    pipeline = data_pipeline.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2, verbose=False)
+    plan = data_pipeline.train_plan(list(range(5)), batch, 4, False, patch, level, 11, 2)
     scale = 2.0 ** (1 - level)
     side = int(patch * 0.5)
     for raw, target in collect(pipeline, 4):
@@ -239,7 +241,7 @@ def test_pipeline_equals_the_plan_applied_by_hand(tmp_path):
 
 def test_train_size_subset_holds_within_each_window(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    pipeline = ld.train_dataset(root, 5, batch_size=4, train_size=3, seed=2, refresh_every=3, verbose=False)
+    pipeline = data_pipeline.train_dataset(root, 5, batch_size=4, train_size=3, seed=2, refresh_every=3, verbose=False)
     batches = collect(pipeline, 1 + 3 * 4)
     windows = [batches[:1]] + [batches[1 + 3 * w: 4 + 3 * w] for w in range(4)]
     used = []
@@ -256,7 +258,7 @@ def test_train_size_subset_holds_within_each_window(tmp_path):
 
 def test_whole_dataset_stream_covers_every_patch(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    pipeline = ld.train_dataset(root, 4, batch_size=4, whole=True, seed=0, verbose=False)
+    pipeline = data_pipeline.train_dataset(root, 4, batch_size=4, whole=True, seed=0, verbose=False)
     ids = [index_of(r) for raw, _ in collect(pipeline, 4) for r in raw]
     assert sorted(ids[:8]) == list(range(8)) and sorted(ids[8:]) == list(range(8))
 
@@ -265,7 +267,7 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
 
     def ids(seed, start_batch=0, count=3):
-        pipeline = ld.train_dataset(root, 5, batch_size=4, train_size=8, seed=seed, verbose=False,
+        pipeline = data_pipeline.train_dataset(root, 5, batch_size=4, train_size=8, seed=seed, verbose=False,
                                     start_batch=start_batch)
         return [index_of(r) for raw, _ in collect(pipeline, count) for r in raw]
 
@@ -276,11 +278,11 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path):
 
 def test_plan_batches_cut_the_plan_by_batch_number():
     def plan():
-        return ld.train_plan(np.arange(10, 17), batch_size=3, train_size=5, seed=4, refresh_every=2)
+        return data_pipeline.train_plan(np.arange(10, 17), batch_size=3, train_size=5, seed=4, refresh_every=2)
 
     stream = plan()
     expected = [np.stack([next(stream) for _ in range(3)]) for _ in range(8)]
-    batches = ld.PlanBatches(plan, 3)
+    batches = data_pipeline.PlanBatches(plan, 3)
     for number in (0, 1, 2, 5, 6, 1, 7, 0):  # in order, skipping ahead, then back (a new iterator)
         np.testing.assert_array_equal(batches.batch(number), expected[number])
 
@@ -290,13 +292,13 @@ def test_plan_batches_cut_from_two_threads_at_once_are_each_their_own_batch():
     import time
 
     def plan():
-        for value in ld.train_plan(np.arange(10, 17), batch_size=3, train_size=5, seed=4, refresh_every=2):
+        for value in data_pipeline.train_plan(np.arange(10, 17), batch_size=3, train_size=5, seed=4, refresh_every=2):
             time.sleep(0)  # let the other thread in between draws, as tf.data's threads do
             yield value
 
     stream = plan()
     expected = [np.stack([next(stream) for _ in range(3)]) for _ in range(40)]
-    batches, wrong = ld.PlanBatches(plan, 3), []
+    batches, wrong = data_pipeline.PlanBatches(plan, 3), []
 
     def reader(numbers):
         for number in numbers:
@@ -313,7 +315,7 @@ def test_plan_batches_cut_from_two_threads_at_once_are_each_their_own_batch():
 
 def test_two_iterators_over_one_pipeline_see_the_same_stream(tmp_path):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    dataset, _ = ld.train_dataset(root, 5, batch_size=4, train_size=8, seed=3, verbose=False)
+    dataset, _ = data_pipeline.train_dataset(root, 5, batch_size=4, train_size=8, seed=3, verbose=False)
     first = iter(dataset)
     ids_first = [[index_of(r) for r in next(first)[0].numpy()] for _ in range(3)]
     ids_second = [[index_of(r) for r in raw.numpy()] for raw, _ in dataset.take(2)]
@@ -337,7 +339,7 @@ def test_training_pipeline_has_no_generator_dataset(tmp_path):
     import tensorflow as tf
 
     root = uniform_dataset(tmp_path / "u", n_train=4)
-    dataset, _ = ld.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
+    dataset, _ = data_pipeline.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
     ops = _dataset_ops(dataset)
     assert "MapDataset" in ops and "RangeDataset" in ops  # the graph is read, with its functions
     assert not any("Generator" in op for op in ops), sorted(ops)
@@ -347,17 +349,17 @@ def test_training_pipeline_has_no_generator_dataset(tmp_path):
 
 def test_train_size_larger_than_the_dataset_is_reduced_with_a_warning(tmp_path, capsys):
     root = uniform_dataset(tmp_path / "u", n_train=8)
-    pipeline = ld.train_dataset(root, 5, batch_size=2, train_size=5000)
+    pipeline = data_pipeline.train_dataset(root, 5, batch_size=2, train_size=5000)
     assert len(collect(pipeline, 2)) == 2
     assert "train_size=5000 is larger than the 8 training patches" in capsys.readouterr().err
 
 
 def test_test_dataset_is_in_order_finite_and_centre_cropped(tmp_path):
     root = make_dataset(tmp_path / "d", 1, 5)
-    pipeline = ld.test_dataset(root, 1, batch_size=2, patch=64, verbose=False)
+    pipeline = data_pipeline.test_dataset(root, 1, batch_size=2, patch=64, verbose=False)
     got = collect(pipeline, 100)
     assert len(got) == 2  # 5 patches, batch 2, remainder dropped as the reference's evaluation
-    assert len(collect(ld.test_dataset(root, 1, 2, patch=64, drop_remainder=False, verbose=False), 100)) == 3
+    assert len(collect(data_pipeline.test_dataset(root, 1, 2, patch=64, drop_remainder=False, verbose=False), 100)) == 3
     offset = (224 - 64) // 2
     for b, (raw, target) in enumerate(got):
         for j in range(2):
@@ -425,7 +427,7 @@ def test_bad_file_is_a_one_line_error_naming_it(tmp_path, name):
     message = str(error.value)
     assert os.path.join(root, relative) in message and expectation in message and "\n" not in message
     with pytest.raises(ld.DataError):
-        ld.train_dataset(root, 5, 2, verbose=False)
+        data_pipeline.train_dataset(root, 5, 2, verbose=False)
 
 
 @pytest.mark.parametrize("missing", ["", "train", "train/huawei_raw", "train/canon"])
@@ -447,9 +449,9 @@ def test_errors_found_while_streaming_name_the_file(tmp_path):
     write_png_mosaic(os.path.join(root, "train/huawei_raw/2.png"), np.full((448, 448), 2000))
     corrupt_middle(os.path.join(root, "train/huawei_raw/3.png"))
     assert ld.check_dataset(root, "train") == [0, 1, 2, 3]  # headers are fine
-    pipeline = ld.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
+    pipeline = data_pipeline.train_dataset(root, 5, batch_size=2, train_size=4, verbose=False)
     with pytest.raises(ld.DataError) as error:
-        for _ in ld.batches(*pipeline):
+        for _ in data_pipeline.batches(*pipeline):
             pass
     message = str(error.value)
     assert "\n" not in message and "train/huawei_raw/" in message
@@ -460,7 +462,7 @@ def test_errors_found_while_streaming_name_the_file(tmp_path):
         ld.check_dataset(root, "train", deep=True)
     write_png_mosaic(os.path.join(root, "test/huawei_raw/1.png"), np.full((448, 448), 1024))
     with pytest.raises(ld.DataError, match=r"test/huawei_raw/1\.png: expected 10-bit"):
-        ld.test_dataset(root, 5, 1, verbose=False)
+        data_pipeline.test_dataset(root, 5, 1, verbose=False)
 
 
 def test_skip_bad_warns_per_file_and_counts(tmp_path, capsys):
@@ -478,7 +480,7 @@ def test_skip_bad_warns_per_file_and_counts(tmp_path, capsys):
 def test_skip_bad_drops_patches_found_bad_while_streaming(tmp_path, capsys):
     root = uniform_dataset(tmp_path / "u", n_train=6)
     write_png_mosaic(os.path.join(root, "train/huawei_raw/3.png"), np.full((448, 448), 1500))
-    pipeline = ld.train_dataset(root, 5, batch_size=3, whole=True, skip_bad=True, seed=0, verbose=False)
+    pipeline = data_pipeline.train_dataset(root, 5, batch_size=3, whole=True, skip_bad=True, seed=0, verbose=False)
     ids = [index_of(r) for raw, _ in collect(pipeline, 5) for r in raw]
     assert len(ids) == 15 and 3 not in ids and set(ids) == {0, 1, 2, 4, 5}
     warnings = [line for line in capsys.readouterr().err.splitlines() if "huawei_raw/3.png" in line]

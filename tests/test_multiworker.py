@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 import checkpoints
+import cli
 import cluster as cluster_module
+import resume
 import train_model
-import utils
+import trainer
 from helpers import ROOT
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -176,7 +178,7 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
     argv = common(sample_dataset) + ["num_train_iters=100000", "eval_step=100000"]
     ports = free_ports(2)
     procs = [start_worker(ports, i, argv, tmp_path) for i in range(2)]
-    index0 = utils.checkpoint_prefix(str(tmp_path / "w0"), 5, 0) + ".index"
+    index0 = checkpoints.checkpoint_prefix(str(tmp_path / "w0"), 5, 0) + ".index"
     deadline = time.monotonic() + 400
     while not os.path.exists(index0) and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.2)
@@ -184,11 +186,11 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
     procs[1].send_signal(signal.SIGTERM)
     (out0, err0), (out1, err1) = finish(procs)
     assert [p.returncode for p in procs] == [130, 130], (err0[-2000:], err1[-2000:])
-    last = utils.get_last_iter(5, str(tmp_path / "w0"))
+    last = checkpoints.get_last_iter(5, str(tmp_path / "w0"))
     assert last is not None and last >= 1
-    assert last in checkpoints.resumable_iterations(str(tmp_path / "w0"), 5)
+    assert last in resume.resumable_iterations(str(tmp_path / "w0"), 5)
     assert last_line(err0) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; saved "
-                               f"{utils.checkpoint_prefix(str(tmp_path / 'w0'), 5, last)}: continue with resume=true")
+                               f"{checkpoints.checkpoint_prefix(str(tmp_path / 'w0'), 5, last)}: continue with resume=true")
     assert last_line(err1) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; the chief "
                                f"(worker 0) saved iteration {last} in its models_dir: continue with resume=true")
     assert not (tmp_path / "w1").exists() and not (tmp_path / "r1").exists()
@@ -198,7 +200,7 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
 # (3), (4) devices= and TF_CONFIG, checked before anything starts
 
 def cli_error(argv, capsys):
-    code = utils.run(train_model.main, [str(a) for a in argv])
+    code = cli.run(train_model.main, [str(a) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err
 
@@ -241,10 +243,11 @@ def test_tf_config_is_checked_for_every_strategy(config, text, strategy, monkeyp
 def test_each_input_pipeline_decodes_only_its_share(sample_dataset, monkeypatch):
     """Two input pipelines (two workers) with accumulation: each reads only its half of every
     micro-batch; side by side they give the samples of the one-device stream, in its order."""
+    import data_pipeline
     import load_dataset
 
     decoded = {}
-    real = load_dataset.load_pair
+    real = data_pipeline.load_pair
     # each pipeline reads the dataset under its own spelling of the folder, so that a decode
     # is counted for the pipeline that asked for it, whichever thread runs it
     spelling = {"one": sample_dataset, 0: sample_dataset + "/", 1: sample_dataset + "//"}
@@ -254,12 +257,12 @@ def test_each_input_pipeline_decodes_only_its_share(sample_dataset, monkeypatch)
         decoded.setdefault(owner[dataset_dir], []).append((int(index), int(k), int(flip), *map(int, offset)))
         return real(dataset_dir, split, index, level, patch, k, flip, offset)
 
-    monkeypatch.setattr(load_dataset, "load_pair", counting)
+    monkeypatch.setattr(data_pipeline, "load_pair", counting)
     steps, streams = 3, {}
     for key, shard in (("one", (0, 1)), (0, (0, 2)), (1, (1, 2))):
         args = train_model.parse_arguments([f"dataset_dir={spelling[key]}", "level=5", "patch_size=32",
                                             "batch_size=8", "accum_steps=2", "train_size=6", "refresh_every=2"])
-        ds, _ = train_model.train_data(args, start_step=2, shard=shard)
+        ds, _ = trainer.train_data(args, start_step=2, shard=shard)
         streams[key] = [(raw.numpy(), target.numpy()) for raw, target in ds.take(steps * 2)]
     for m in range(steps * 2):  # micro-batch m of one device = worker 0's part, then worker 1's
         one_raw, one_target = streams["one"][m]
@@ -267,7 +270,7 @@ def test_each_input_pipeline_decodes_only_its_share(sample_dataset, monkeypatch)
         np.testing.assert_array_equal(np.concatenate([streams[0][m][0], streams[1][m][0]]), one_raw)
         np.testing.assert_array_equal(np.concatenate([streams[0][m][1], streams[1][m][1]]), one_target)
     # the plan, computed independently: steps 2.. of 8 samples, micro-batches of 4, halves of 2
-    plan = load_dataset.train_plan(load_dataset.check_dataset(sample_dataset, "train", verbose=False), 8, 6,
+    plan = data_pipeline.train_plan(load_dataset.check_dataset(sample_dataset, "train", verbose=False), 8, 6,
                                    False, 32, 5, 0, 2)
     samples = [tuple(int(v) for v in next(plan)) for _ in range(8 * (2 + steps + 4))][16:]
     micro = [samples[i: i + 4] for i in range(0, len(samples), 4)]
@@ -305,7 +308,7 @@ def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, model,
     args = train_model.parse_arguments([f"dataset_dir={root}/data", "level=5", "patch_size=32", "batch_size=2",
                                         "num_train_iters=2", "eval_step=2", f"models_dir={root}/models",
                                         f"results_dir={root}/results", "progress=false"])
-    last = train_model.Trainer(args, model=model, out=lambda *a: None).run()
+    last = trainer.Trainer(args, model=model, out=lambda *a: None).run()
     trained = [np.array(w) for w in model.get_weights()]
     assert last == f"{root}/models/pynet_level_5_iteration_2.ckpt"
     models = sorted(tf.io.gfile.listdir(f"{root}/models"))
@@ -316,14 +319,14 @@ def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, model,
     assert len(tf.io.gfile.listdir(f"{root}/results")) == 8  # 4 visual results x 2 evaluations
     # what was written is what was trained: read back from ram://
     reader = tf.compat.v1.train.NewCheckpointReader(last)
-    from model import tf1_variables
+    from checkpoints import tf1_variables
 
     key, variable, _ = next(e for e in tf1_variables(model) if e[1].trainable and "conv_l5" in e[1].path)
     index = [v.path for v in model.weights].index(variable.path)
     np.testing.assert_array_equal(reader.get_tensor(key), trained[index])
 
     capsys.readouterr()
-    code = utils.run(test_model.main, ["level=5", f"models_dir={root}/models", f"dataset_dir={root}/data",
+    code = cli.run(test_model.main, ["level=5", f"models_dir={root}/models", f"dataset_dir={root}/data",
                                        f"output_dir={root}/out"])
     assert code == 0, capsys.readouterr().err
     rendered = tf.io.gfile.listdir(f"{root}/out")
@@ -331,7 +334,7 @@ def test_train_render_evaluate_on_an_in_memory_filesystem(sample_dataset, model,
     image = tf.io.decode_png(tf.io.gfile.GFile(f"{root}/out/{rendered[0]}", "rb").read())
     assert image.shape == (2, 3, 3)  # a 64x96 mosaic at level 5: 1/32 of its side
 
-    code = utils.run(evaluate_accuracy.main, ["level=5", "restore_iter=2", f"models_dir={root}/models",
+    code = cli.run(evaluate_accuracy.main, ["level=5", "restore_iter=2", f"models_dir={root}/models",
                                               f"dataset_dir={root}/data", f"csv={root}/scores.csv"])
     out = capsys.readouterr().out
     assert code == 0 and "3 test patches" in out and "PSNR" in out

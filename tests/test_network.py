@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 from scipy import signal
 
+from checkpoints import load_checkpoint, save_checkpoint, tf1_variables
+from cli import UserError
 from helpers import write_tf1_checkpoint
 from model import (
     PARAMETER_COUNT,
@@ -16,11 +18,7 @@ from model import (
     as_list,
     copy_weights,
     level_model,
-    load_checkpoint,
-    save_checkpoint,
-    tf1_variables,
 )
-from utils import UserError
 
 ROLE_OF = {"W": "W", "b": "b", "IN shift": "IN_shift(beta)", "IN scale": "IN_scale(gamma)"}
 

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import cli
+import images
+import process
+import render
 from helpers import ROOT
 
 PSNR_LINE = re.compile(r"^  PSNR on the sample's test split at level 0: PyNET ([0-9.]+) dB, "
@@ -68,11 +72,8 @@ def test_quickstart_runs_every_stage(tmp_path):
     pynet = read_rgb(rendered)
     assert pynet.shape == (64, 96, 3)
     mosaic, comparison, panels, target = comparison_panels(tmp_path, 64, 96)
-    import evaluate_accuracy
-    import test_model
-    import utils
 
-    classical = utils.to_uint(evaluate_accuracy.baseline_isp(test_model.pack(utils.read_mosaic(str(mosaic)))[None])[0])
+    classical = images.to_uint(process.baseline_isp(render.pack(images.read_mosaic(str(mosaic)))[None])[0])
     np.testing.assert_array_equal(panels[0], classical)
     np.testing.assert_array_equal(panels[1], pynet)
     np.testing.assert_array_equal(panels[2], target)
@@ -87,9 +88,8 @@ def test_quickstart_runs_every_stage(tmp_path):
 
 def quick_params(**overrides):
     import quickstart
-    import utils
 
-    return {**utils.parse_args([], quickstart.ARGS, "quickstart.py"), **overrides}
+    return {**cli.parse_args([], quickstart.ARGS, "quickstart.py"), **overrides}
 
 
 def test_schedule_resumes_level_0_and_takes_overrides():

@@ -1,7 +1,7 @@
 """Faults and bad inputs across the scripts: each is one `error: ...` line with the right exit
 code, and nothing is written (no output, no temporary file, no checkpoint under a final name).
 
-Per script, a table of bad inputs runs ``main`` in-process through ``utils.run`` (as the script's
+Per script, a table of bad inputs runs ``main`` in-process through ``cli.run`` (as the script's
 ``__main__`` does); then the faults that need more than a command line: damaged checkpoints (with
 the intact earlier one named), NaN weights, a training run gone non-finite, a full disk (a small
 tmpfs), temporary files of killed writers, a fresh run into a folder of an older run, a corrupt
@@ -18,13 +18,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoints
+import cli
+import data_pipeline
 import dng_to_png
 import evaluate_accuracy
+import files
+import images
 import load_dataset
 import make_sample_dataset
 import test_model
 import train_model
-import utils
+import trainer
 from helpers import write_dng
 
 DATA = ".data-00000-of-00001"
@@ -36,17 +41,17 @@ DATA = ".data-00000-of-00001"
 def snapshot(root):
     """Every file and folder under ``root`` with its size and modification time."""
     found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
+    for folder, dirs, names in os.walk(root):
+        for name in dirs + names:
             path = os.path.join(folder, name)
             stat = os.lstat(path)
-            found[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns) if name in files else "dir"
+            found[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns) if name in names else "dir"
     return found
 
 
 def run_main(main, argv, capsys):
     """(exit code, stderr lines) of ``main`` run as its script runs it."""
-    code = utils.run(main, [str(a) for a in argv])
+    code = cli.run(main, [str(a) for a in argv])
     err = capsys.readouterr().err
     return code, [line for line in err.splitlines() if line.strip()]
 
@@ -122,7 +127,7 @@ def trained(full_model, sample_dataset, module_tmp):
     saved = [v.numpy() for v in full_model.weights]
     root = module_tmp("trained")
     try:
-        train_model.Trainer(train_args(sample_dataset, root, num_train_iters=3, eval_step=3), model=full_model,
+        trainer.Trainer(train_args(sample_dataset, root, num_train_iters=3, eval_step=3), model=full_model,
                             out=lambda *a: None).run()
     finally:
         for var, value in zip(full_model.weights, saved):
@@ -330,7 +335,7 @@ def test_render_goes_on_after_a_bad_mosaic_and_reports_all(trained, tmp_path, ca
     stale.write_bytes(b"half a picture")
     alive = out / f".x.tmp{os.getpid()}.png"  # a live process's temporary: not touched
     alive.write_bytes(b"being written")
-    code = utils.run(test_model.main, ["level=5", f"models_dir={trained}", f"input={folder}", f"output_dir={out}"])
+    code = cli.run(test_model.main, ["level=5", f"models_dir={trained}", f"input={folder}", f"output_dir={out}"])
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 1
@@ -345,7 +350,7 @@ def test_render_goes_on_after_a_bad_mosaic_and_reports_all(trained, tmp_path, ca
     with Image.open(out / "a_odd_level_5_iteration_3.png") as picture:
         assert picture.size == (3, 2)   # 96x64 used: (48x32 packed) * 2 / 32
     # range_check=false renders the 12-bit mosaic, with a warning
-    code = utils.run(test_model.main, ["level=5", f"models_dir={trained}", f"input={folder / 'b_12bit.png'}",
+    code = cli.run(test_model.main, ["level=5", f"models_dir={trained}", f"input={folder / 'b_12bit.png'}",
                                        f"output_dir={out}", "range_check=false"])
     assert code == 0 and "rendering it anyway (range_check=false)" in capsys.readouterr().err
     assert (out / "b_12bit_level_5_iteration_3.png").exists()
@@ -501,9 +506,9 @@ def test_corrupt_jpeg_target_fails_the_deep_check_and_the_stream(tmp_path, capsy
         load_dataset.check_dataset(str(root), "train", deep=True)
     code, lines = run_main(load_dataset.main, [f"dataset_dir={root}"], capsys)
     assert_one_line(code, lines, 1, r"train/canon/1\.jpg: cannot decode the JPEG \(Corrupt JPEG data")
-    ds, log = load_dataset.train_dataset(str(root), 5, batch_size=2, train_size=2, verbose=False)
+    ds, log = data_pipeline.train_dataset(str(root), 5, batch_size=2, train_size=2, verbose=False)
     with pytest.raises(load_dataset.DataError, match=r"1\.jpg: cannot decode the JPEG \(Corrupt JPEG data"):
-        for count, _ in enumerate(load_dataset.batches(ds, log)):
+        for count, _ in enumerate(data_pipeline.batches(ds, log)):
             if count == 50:   # the stream ends at the bad file long before: 2 patches, batches of 2
                 break
     # the intact ones decode to exactly Pillow's pixels
@@ -563,8 +568,8 @@ def test_train_refuses(name, sample_dataset, tmp_path, capsys):
 
 
 def trainer_error(args, model):
-    with pytest.raises(utils.UserError) as error:
-        train_model.Trainer(args, model=model, out=lambda *a: None).run()
+    with pytest.raises(cli.UserError) as error:
+        trainer.Trainer(args, model=model, out=lambda *a: None).run()
     assert "\n" not in str(error.value)
     return str(error.value)
 
@@ -610,15 +615,14 @@ def test_a_run_gone_non_finite_writes_nothing_and_names_no_bad_checkpoint(model,
 
 
 def test_non_finite_weights_are_never_saved(model, tmp_path):
-    import model as pynet
 
     var = model.weights[7]
     value = var.numpy()
     value.flat[3] = np.inf
     var.assign(value)
     prefix = str(tmp_path / "m" / "pynet_level_5_iteration_0.ckpt")
-    with pytest.raises(utils.UserError, match=r"iteration_0\.ckpt: not written: the weights hold 1 NaN"):
-        pynet.save_checkpoint(model, prefix)
+    with pytest.raises(cli.UserError, match=r"iteration_0\.ckpt: not written: the weights hold 1 NaN"):
+        checkpoints.save_checkpoint(model, prefix)
     assert not os.path.exists(tmp_path / "m") or os.listdir(tmp_path / "m") == []
 
 
@@ -626,7 +630,6 @@ def test_a_failed_checkpoint_write_leaves_nothing(model, tmp_path, monkeypatch):
     """SaveV2 failing half-way (as on a full disk): its temporaries go, nothing is renamed."""
     import tensorflow as tf
 
-    import model as pynet
 
     real = tf.raw_ops.SaveV2
 
@@ -636,9 +639,9 @@ def test_a_failed_checkpoint_write_leaves_nothing(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(tf.raw_ops, "SaveV2", failing)
     prefix = str(tmp_path / "pynet_level_5_iteration_0.ckpt")
-    with pytest.raises(utils.UserError, match=r"iteration_0\.ckpt: cannot write the checkpoint \(.*No space left on "
+    with pytest.raises(cli.UserError, match=r"iteration_0\.ckpt: cannot write the checkpoint \(.*No space left on "
                                               r"device\); nothing was saved"):
-        pynet.save_checkpoint(model, prefix)
+        checkpoints.save_checkpoint(model, prefix)
     assert os.listdir(tmp_path) == []
 
 
@@ -665,11 +668,11 @@ def test_overwrite_replaces_an_older_run_and_stale_temporaries_go(model, sample_
     (models / stale[0]).mkdir()
     (models / stale[1]).write_bytes(b"half")
     lines = []
-    train_model.Trainer(train_args(sample_dataset, tmp_path, num_train_iters=1, eval_step=1, overwrite="true"),
+    trainer.Trainer(train_args(sample_dataset, tmp_path, num_train_iters=1, eval_step=1, overwrite="true"),
                         model=model, out=lines.append).run()
     assert any("overwrite=true: deleted 3 level-5 checkpoint(s) of an earlier run" in line for line in lines)
     names = sorted(os.listdir(models))
-    assert utils.checkpoint_iterations(5, str(models)) == [0, 1]
+    assert checkpoints.checkpoint_iterations(5, str(models)) == [0, 1]
     assert "pynet_level_4_iteration_40.ckpt.index" in names  # other levels are left alone
     assert not set(stale) & set(names)
     assert "removed 2 temporary file(s)" in capsys.readouterr().err
@@ -684,7 +687,7 @@ def test_a_refused_write_is_one_line(capsys):
     def main(argv):
         raise OSError(errno.ENOSPC, "No space left on device", "out/x.png")
 
-    assert utils.run(main, []) == 1
+    assert cli.run(main, []) == 1
     assert capsys.readouterr().err == "error: out/x.png: No space left on device\n"
 
 
@@ -694,10 +697,10 @@ def test_stale_temporaries_of_dead_writers_only_are_removed(tmp_path):
              f".building-{dead}", "a.tmp123.png", ".hidden", "photo.png"]
     for name in names:
         (tmp_path / name).write_bytes(b"")
-    assert sorted(utils.remove_stale_temps(str(tmp_path))) == sorted(
+    assert sorted(files.remove_stale_temps(str(tmp_path))) == sorted(
         [f".a.tmp{dead}.png", f"pynet_level_3_iteration_5.ckpt.tmp{dead}.index", f".building-{dead}"])
     assert sorted(os.listdir(tmp_path)) == sorted([f".a.tmp{alive}.png", "a.tmp123.png", ".hidden", "photo.png"])
-    assert [n for n in names if not utils.is_hidden(n)] == ["a.tmp123.png", "photo.png"]
+    assert [n for n in names if not files.is_hidden(n)] == ["a.tmp123.png", "photo.png"]
 
 
 def test_png_reader_checks_every_chunk(tmp_path):
@@ -705,12 +708,12 @@ def test_png_reader_checks_every_chunk(tmp_path):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0x01   # one bit inside the image data
     replace_file(path, bytes(data))
-    with pytest.raises(utils.UserError, match=r"m\.png: cannot read the PNG \(chunk 'IDAT' at byte \d+ fails its CRC "
+    with pytest.raises(cli.UserError, match=r"m\.png: cannot read the PNG \(chunk 'IDAT' at byte \d+ fails its CRC "
                                               r"check\): the file is corrupt"):
-        utils.read_mosaic(path)
+        images.read_mosaic(path)
 
 
 def test_write_png_of_an_empty_image_creates_nothing(tmp_path):
-    with pytest.raises(utils.UserError, match="the image is empty"):
-        utils.write_png(str(tmp_path / "out" / "x.png"), np.zeros((0, 3, 3), np.uint8))
+    with pytest.raises(cli.UserError, match="the image is empty"):
+        images.write_png(str(tmp_path / "out" / "x.png"), np.zeros((0, 3, 3), np.uint8))
     assert os.listdir(tmp_path) == []

@@ -1,4 +1,4 @@
-"""test_model.py and render.render_in_strips: rendering mosaics of any size in strips."""
+"""test_model.py, render.py and strips.py: rendering mosaics of any size, whole or in strips."""
 
 import os
 import subprocess
@@ -9,13 +9,19 @@ import pytest
 from PIL import Image
 
 import checkpoints
+import cli
+import images
 import render
+import runtime
+import strips
 import test_model
+from camera import extract_bayer_channels
+from checkpoints import load_checkpoint, save_checkpoint
+from cli import UserError
 from helpers import ROOT, assign_sane_weights
-from load_dataset import extract_bayer_channels
-from model import PyNET, level_model, load_checkpoint, save_checkpoint
-from render import pad_to_multiple, render_in_strips
-from utils import UserError
+from model import PyNET, level_model
+from render import pad_to_multiple
+from strips import run_in_strips
 
 
 @pytest.fixture
@@ -36,12 +42,12 @@ def mosaic(rng, height, width):
 def test_strips_equal_the_whole_frame(sane_model, level):
     rng = np.random.default_rng(level)
     raw = mosaic(rng, 96, 128)                      # packs to 48 x 64: three strips of 16 rows
-    whole = test_model.render(sane_model, raw, level, tile_size=0)
+    whole = render.render(sane_model, raw, level, tile_size=0)
     eager = sane_model(extract_bayer_channels(raw)[None])[level][0].numpy()
     np.testing.assert_allclose(whole, eager, atol=1e-5)
     for rows in (16, 32):
-        strips = test_model.render(sane_model, raw, level, tile_size=rows)
-        np.testing.assert_allclose(strips, whole, atol=1e-4)
+        in_strips = render.render(sane_model, raw, level, tile_size=rows)
+        np.testing.assert_allclose(in_strips, whole, atol=1e-4)
 
     # the comparison has teeth: strips run as independent frames (zero padding at every
     # strip edge, instance norm per strip) are far off
@@ -57,20 +63,20 @@ def test_instance_norm_maps_computed_in_strips_equal_the_whole_frame(sane_model)
     packed = extract_bayer_channels(mosaic(np.random.default_rng(5), 96, 128))
     expected = sane_model(packed[None])
     for level in (0, 2, 4):
-        got = render_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
+        got = run_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
         np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
 
 
 def tracked_streams(monkeypatch):
     """The row streams render builds from now on, in a list filled as they are made."""
     nodes = []
-    init = render._Rows.__init__
+    init = strips._Rows.__init__
 
     def tracked_init(self, *args, **kwargs):
         init(self, *args, **kwargs)
         nodes.append(self)
 
-    monkeypatch.setattr(render._Rows, "__init__", tracked_init)
+    monkeypatch.setattr(strips._Rows, "__init__", tracked_init)
     return nodes
 
 
@@ -86,7 +92,7 @@ def held_bytes_peak(monkeypatch):
             return rows
         return tracked_get
 
-    for cls in (render._Rows, render._CatRows, render._NormConvRows):
+    for cls in (strips._Rows, strips._CatRows, strips._NormConvRows):
         monkeypatch.setattr(cls, "get", tracked(cls.__dict__["get"]))
     return peak
 
@@ -98,11 +104,11 @@ def test_replayed_maps_equal_the_whole_frame(sane_model, monkeypatch, policy):
     asked for) give the whole frame's output; replaying every one chains restarts through
     every level."""
     if policy == "every map":
-        monkeypatch.setattr(render, "REPLAYED", lambda block, size: block.instance_norm)
+        monkeypatch.setattr(strips, "REPLAYED", lambda block, size: block.instance_norm)
     packed = extract_bayer_channels(mosaic(np.random.default_rng(6), 128, 128))   # 64 x 64 packed
     expected = sane_model(packed[None])
     for level in (0, 2):
-        got = render_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
+        got = run_in_strips(sane_model, level, packed, 16, min_strip_pixels=0)
         np.testing.assert_allclose(got, expected[level][0].numpy(), atol=1e-4)
 
 
@@ -113,11 +119,11 @@ def test_replayed_maps_lower_the_peak_of_held_rows(sane_model, monkeypatch):
     branches of conv_l2_d4..d6), the peak is lower by at least that map."""
     packed = extract_bayer_channels(mosaic(np.random.default_rng(7), 768, 64))    # 384 x 32 packed
     peaks, outputs = {}, {}
-    for policy, replayed in (("none", lambda block, size: False), ("default", render.REPLAYED)):
+    for policy, replayed in (("none", lambda block, size: False), ("default", strips.REPLAYED)):
         with monkeypatch.context() as patch:
-            patch.setattr(render, "REPLAYED", replayed)
+            patch.setattr(strips, "REPLAYED", replayed)
             peak = held_bytes_peak(patch)
-            outputs[policy] = render_in_strips(sane_model, 2, packed, 16, min_strip_pixels=0)
+            outputs[policy] = run_in_strips(sane_model, 2, packed, 16, min_strip_pixels=0)
             peaks[policy] = peak[0]
     np.testing.assert_allclose(outputs["default"], outputs["none"], atol=1e-4)
     level_2_map = 192 * 16 * 64 * 4
@@ -132,7 +138,7 @@ def test_every_map_is_dropped_once_its_last_consumer_has_passed(sane_model, monk
     above them."""
     nodes = tracked_streams(monkeypatch)
     packed = extract_bayer_channels(mosaic(np.random.default_rng(8), 256, 64))    # 128 x 32 packed
-    render_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
+    run_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
     held = {f"{type(n).__name__} {getattr(getattr(n, 'layer', None), 'path', '')} ({n.height} rows)":
             sum(int(c[1] - c[0]) for c in n.chunks) for n in nodes}
     assert len(nodes) > 100 and not {name: rows for name, rows in held.items() if rows}
@@ -142,7 +148,7 @@ def streamed_requests(monkeypatch):
     """Per row stream, counted during a render: the convolutions that computed its rows, and
     the requests for rows that spanned more than one of its chunks (each such a copy)."""
     convs, spanning = {}, {}
-    produce, rows = render._ConvRows.produce, render._Rows._rows
+    produce, rows = strips._ConvRows.produce, strips._Rows._rows
 
     def counted_produce(self, a, b):
         convs[self] = convs.get(self, 0) + 1
@@ -153,8 +159,8 @@ def streamed_requests(monkeypatch):
             spanning[self] = spanning.get(self, 0) + 1
         return rows(self, a, b)
 
-    monkeypatch.setattr(render._ConvRows, "produce", counted_produce)
-    monkeypatch.setattr(render._Rows, "_rows", counted_rows)
+    monkeypatch.setattr(strips._ConvRows, "produce", counted_produce)
+    monkeypatch.setattr(strips._Rows, "_rows", counted_rows)
     return convs, spanning
 
 
@@ -167,34 +173,34 @@ def test_a_map_read_by_several_branches_is_computed_and_copied_once_per_strip(sa
     convs, spanning = streamed_requests(monkeypatch)
     nodes = tracked_streams(monkeypatch)
     packed = extract_bayer_channels(mosaic(np.random.default_rng(9), 256, 64))    # 128 x 32 packed
-    got = render_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
+    got = run_in_strips(sane_model, 0, packed, 16, min_strip_pixels=0)
     np.testing.assert_allclose(got, sane_model(packed[None])[0][0].numpy(), atol=1e-4)
-    strips = 128 // 16
+    count = 128 // 16
     level_1 = [n for n in nodes if n.height == 128 and not n.replay]
     shared = [n for n in level_1 if len(n.consumers) >= 3]      # block inputs read by 3-4 branches
     assert len(shared) >= 5
     # (conv_l1_d1's private copy for pool1 is computed again each time level 2 replays conv_l2_d1)
-    pooled = {source for pool in nodes if isinstance(pool, render._PoolRows) for source in pool.sources}
+    pooled = {source for pool in nodes if isinstance(pool, strips._PoolRows) for source in pool.sources}
     pooled |= {n for n in nodes if n.consumers and set(n.consumers) <= pooled}
-    computed = {n.layer.path: convs[n] for n in level_1 if isinstance(n, render._ConvRows) and n in convs
+    computed = {n.layer.path: convs[n] for n in level_1 if isinstance(n, strips._ConvRows) and n in convs
                 and n not in pooled}
-    assert len(computed) > 50 and max(computed.values()) <= strips + 1, computed
+    assert len(computed) > 50 and max(computed.values()) <= count + 1, computed
     copies = {f"{type(n).__name__} read by {len(n.consumers)}": spanning.get(n, 0) for n in shared}
-    assert max(copies.values()) <= strips + 1, copies
+    assert max(copies.values()) <= count + 1, copies
 
 
 @pytest.mark.slow
 def test_any_size_renders_and_is_cropped_back(sane_model):
     rng = np.random.default_rng(6)
     raw = mosaic(rng, 70, 98)                       # packs to 35 x 49, padded to 48 x 64
-    strips = test_model.render(sane_model, raw, 0, tile_size=16)
-    assert strips.shape == (70, 98, 3)
-    np.testing.assert_allclose(strips, test_model.render(sane_model, raw, 0, tile_size=0), atol=1e-4)
+    in_strips = render.render(sane_model, raw, 0, tile_size=16)
+    assert in_strips.shape == (70, 98, 3)
+    np.testing.assert_allclose(in_strips, render.render(sane_model, raw, 0, tile_size=0), atol=1e-4)
     padded, _ = pad_to_multiple(extract_bayer_channels(raw))
-    np.testing.assert_allclose(strips, sane_model(padded[None])[0][0, :70, :98].numpy(), atol=1e-4)
+    np.testing.assert_allclose(in_strips, sane_model(padded[None])[0][0, :70, :98].numpy(), atol=1e-4)
     # a single-output view of one level renders too (level 3: 1/8 of the mosaic, rounded down)
     view = level_model(sane_model, 3)
-    assert test_model.render(view, raw, 3, tile_size=8).shape == (8, 12, 3)
+    assert render.render(view, raw, 3, tile_size=8).shape == (8, 12, 3)
 
 
 @pytest.mark.slow
@@ -204,25 +210,25 @@ def test_render_pads_then_crops_without_changing_aligned_frames(full_model):
     direct = full_model(extract_bayer_channels(raw)[None])
     for level in (0, 3):
         for tile_size in (0, None):
-            rendered = test_model.render(level_model(full_model, level), raw, level, tile_size)
+            rendered = render.render(level_model(full_model, level), raw, level, tile_size)
             # strips sum the same products in another order: float32 rounding, well inside 1e-4
             np.testing.assert_allclose(rendered, direct[level][0].numpy(), atol=1e-5)
-    odd = test_model.render(full_model, mosaic(rng, 70, 98), 0)
+    odd = render.render(full_model, mosaic(rng, 70, 98), 0)
     assert odd.shape == (70, 98, 3)
 
 
 @pytest.mark.slow
 def test_progress_counts_every_output_row(sane_model):
     counts = []
-    test_model.render(sane_model, mosaic(np.random.default_rng(7), 70, 98), 0, tile_size=16, progress=counts.append)
+    render.render(sane_model, mosaic(np.random.default_rng(7), 70, 98), 0, tile_size=16, progress=counts.append)
     assert sum(counts) == 70 and len(counts) == 3      # strips of 32 output rows: 32, 32, 6
 
 
 def test_strips_refuse_what_they_cannot_run(full_model):
     with pytest.raises(ValueError, match="multiple of 16"):
-        render_in_strips(full_model, 0, np.zeros((40, 64, 4), np.float32), 16)
+        run_in_strips(full_model, 0, np.zeros((40, 64, 4), np.float32), 16)
     with pytest.raises(ValueError, match="no output for level 1"):
-        render_in_strips(level_model(full_model, 0), 1, np.zeros((32, 32, 4), np.float32), 16)
+        run_in_strips(level_model(full_model, 0), 1, np.zeros((32, 32, 4), np.float32), 16)
 
 
 @pytest.mark.slow
@@ -232,7 +238,7 @@ def test_level_1_with_instance_norm_still_equals_the_whole_frame():
     model = PyNET(instance_norm_level_1=True, level=1)
     assign_sane_weights(model, np.random.default_rng(8))
     packed = extract_bayer_channels(mosaic(np.random.default_rng(9), 64, 64))
-    got = render_in_strips(model, 1, packed, 16)
+    got = run_in_strips(model, 1, packed, 16)
     np.testing.assert_allclose(got, model(packed[None])[0][0].numpy(), atol=1e-4)
 
 
@@ -241,15 +247,15 @@ def test_level_1_with_instance_norm_still_equals_the_whole_frame():
 
 def test_reference_crop_is_the_top_left_1472x1984_packed_pixels():
     raw = np.random.default_rng(2).integers(0, 1024, (2976, 3968)).astype(np.uint16)
-    packed = test_model.pack(raw, "reference")
+    packed = render.pack(raw, "reference")
     assert packed.shape == (1472, 1984, 4)
     np.testing.assert_array_equal(packed[..., 2], raw[0:2944:2, 0:3968:2] / np.float32(1020))  # R
-    np.testing.assert_array_equal(test_model.pack(raw[:100, :100]), extract_bayer_channels(raw[:100, :100]))
+    np.testing.assert_array_equal(render.pack(raw[:100, :100]), extract_bayer_channels(raw[:100, :100]))
     with pytest.raises(UserError, match="crop=reference needs a mosaic of at least 2944x3968"):
-        test_model.pack(raw[:2942], "reference")
-    assert test_model.output_rows((2976, 3968), 0, "reference") == 2944
-    assert test_model.output_rows((2976, 3968), 0) == 2976
-    assert test_model.output_rows((70, 98), 3) == 8
+        render.pack(raw[:2942], "reference")
+    assert render.output_rows((2976, 3968), 0, "reference") == 2944
+    assert render.output_rows((2976, 3968), 0) == 2976
+    assert render.output_rows((70, 98), 3) == 8
 
 
 def test_inputs_are_files_folders_or_lists_of_them(tmp_path):
@@ -272,12 +278,12 @@ def test_inputs_are_files_folders_or_lists_of_them(tmp_path):
 
 
 def test_automatic_choice_bounds_the_pixels_held():
-    assert test_model.auto_tile_size(256, 256) == 0                     # small: the whole frame
-    assert test_model.auto_tile_size(736, 1024) > 0   # 3 MP: measured 2.51 GiB whole, so strips
-    rows = test_model.auto_tile_size(1488, 1984)                         # 12 MP: strips
-    assert rows % 8 == 0 and test_model.MIN_STRIP_ROWS <= rows and rows * 1984 <= test_model.STRIP_PIXELS
-    assert test_model.auto_tile_size(100000, 16) == test_model.MAX_STRIP_ROWS  # tall and thin
-    assert test_model.auto_tile_size(16, 100000) == test_model.MIN_STRIP_ROWS
+    assert render.auto_tile_size(256, 256) == 0                     # small: the whole frame
+    assert render.auto_tile_size(736, 1024) > 0   # 3 MP: measured 2.51 GiB whole, so strips
+    rows = render.auto_tile_size(1488, 1984)                         # 12 MP: strips
+    assert rows % 8 == 0 and render.MIN_STRIP_ROWS <= rows and rows * 1984 <= render.STRIP_PIXELS
+    assert render.auto_tile_size(100000, 16) == render.MAX_STRIP_ROWS  # tall and thin
+    assert render.auto_tile_size(16, 100000) == render.MIN_STRIP_ROWS
 
 
 @pytest.mark.parametrize("shape, tile_size, crop", [
@@ -301,19 +307,12 @@ def test_strip_rows_is_what_render_will_choose(shape, tile_size, crop, monkeypat
         return np.zeros((2 * padded.shape[0], 2 * padded.shape[1], 3), np.float32)
 
     monkeypatch.setattr(render, "level_function", whole)
-    monkeypatch.setattr(render, "render_in_strips", strips)
-    monkeypatch.setattr(test_model, "return_freed_memory", lambda: None)
-    test_model.render(None, np.zeros(shape, np.uint16), 0, tile_size, crop)
-    assert chosen == [test_model.strip_rows(shape, tile_size, crop)]
-    large = shape[0] * shape[1] > 4 * test_model.WHOLE_FRAME_PIXELS
+    monkeypatch.setattr(render, "run_in_strips", strips)
+    monkeypatch.setattr(runtime, "return_freed_memory", lambda: None)
+    render.render(None, np.zeros(shape, np.uint16), 0, tile_size, crop)
+    assert chosen == [render.strip_rows(shape, tile_size, crop)]
+    large = shape[0] * shape[1] > 4 * render.WHOLE_FRAME_PIXELS
     assert (chosen[0] > 0) == (large if tile_size is None else tile_size > 0)
-
-
-class _Drawn:
-    """A stand-in for a loaded model that draws a grey picture (test_model.render's exported path)."""
-
-    def render_mosaic(self, mosaic, crop, progress):
-        return np.full((mosaic.shape[0], mosaic.shape[1], 3), 0.5, np.float32)
 
 
 @pytest.mark.parametrize("shape, tile_size, expected", [
@@ -322,15 +321,15 @@ class _Drawn:
 def test_mallocs_threshold_is_set_before_the_weights_when_a_frame_goes_in_strips(shape, tile_size, expected,
                                                                                  tmp_path, monkeypatch):
     """Set afterwards, the restored weights sit among freed heap blocks and the strips peak
-    higher (test_model.return_freed_memory); set for small frames, each photo is slower."""
-    import utils
+    higher (runtime.return_freed_memory); set for small frames, each photo is slower."""
 
     calls = []
-    monkeypatch.setattr(test_model, "return_freed_memory", lambda: calls.append("malloc"))
-    monkeypatch.setattr(test_model, "load_model", lambda level, prefix: calls.append("load") or _Drawn())
-    monkeypatch.setattr(checkpoints, "resolve", lambda params: ("unused", "1"))
-    utils.write_png(str(tmp_path / "frame.png"), np.zeros(shape, np.uint16))
-    utils.run(test_model.main, ["level=0", f"input={tmp_path / 'frame.png'}", f"output_dir={tmp_path / 'out'}",
+    monkeypatch.setattr(runtime, "return_freed_memory", lambda: calls.append("malloc"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda level, prefix: calls.append("load"))
+    monkeypatch.setattr(checkpoints, "resolve", lambda args: ("unused", "1"))
+    monkeypatch.setattr(render, "render", lambda model, mosaic, *rest: np.full(mosaic.shape + (3,), 0.5, np.float32))
+    images.write_png(str(tmp_path / "frame.png"), np.random.default_rng(0).integers(0, 1024, shape, np.uint16))
+    cli.run(test_model.main, ["level=0", f"input={tmp_path / 'frame.png'}", f"output_dir={tmp_path / 'out'}",
                                 f"tile_size={tile_size}"])
     assert calls == expected
     assert (tmp_path / "out" / "frame_level_0_iteration_1.png").exists()
@@ -397,7 +396,7 @@ def test_input_files_and_folders_to_an_output_folder(fabricated_release, full_mo
     try:
         load_checkpoint(full_model, str(fabricated_release / "models" / "original" / "pynet_level_0.ckpt"))
         for name, source in (("odd", folder / "odd.png"), ("shot", extra / "shot.png")):
-            expected = test_model.render(full_model, np.asarray(Image.open(source)), 0, tile_size=0)
+            expected = render.render(full_model, np.asarray(Image.open(source)), 0, tile_size=0)
             got, _ = read_png16(tmp_path / "out" / f"{name}_level_0_iteration_None.png")
             np.testing.assert_allclose(got / 65535.0, np.clip(expected, 0, 1), atol=1e-4 + 0.5 / 65535)
     finally:
@@ -446,8 +445,8 @@ def test_output_names_follow_the_reference(tmp_path):
 
 def test_rendering_asks_onednn_for_the_system_allocator_unless_told_otherwise(monkeypatch):
     monkeypatch.delenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", raising=False)
-    test_model.bound_memory()
+    runtime.bound_memory()
     assert os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1"
     monkeypatch.setenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "0")
-    test_model.bound_memory()
+    runtime.bound_memory()
     assert os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "0"

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import camera
+import cli
+import data_pipeline
 import load_dataset as ld
 import make_sample_dataset as msd
-import utils
+import unprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,16 +24,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_inverse_tone_curve_and_gamma_invert_the_forward_ones():
     y = np.linspace(0.0, 1.0, 1001)
-    x = msd.inverse_smoothstep(y)
+    x = unprocess.inverse_smoothstep(y)
     np.testing.assert_allclose(3 * x ** 2 - 2 * x ** 3, y, atol=1e-9)
     assert np.all(np.diff(x) > 0)
-    np.testing.assert_allclose(msd.gamma_expand(y[1:]) ** (1 / 2.2), y[1:], rtol=1e-9)
+    np.testing.assert_allclose(unprocess.gamma_expand(y[1:]) ** (1 / 2.2), y[1:], rtol=1e-9)
 
 
 def test_colour_matrix_keeps_white_and_is_phone_like():
     rs = np.random.RandomState(0)
     for _ in range(20):
-        rgb_to_cam = msd.random_rgb_to_cam(rs)
+        rgb_to_cam = unprocess.random_rgb_to_cam(rs)
         np.testing.assert_allclose(rgb_to_cam.sum(axis=1), 1.0, atol=1e-12)
         cam_to_rgb = np.linalg.inv(rgb_to_cam)
         assert np.all(np.diag(cam_to_rgb) > 1.3) and np.all(np.diag(cam_to_rgb) < 2.2)
@@ -38,7 +41,7 @@ def test_colour_matrix_keeps_white_and_is_phone_like():
 
 def test_mosaic_is_rggb():
     image = np.arange(4 * 6 * 3).reshape(4, 6, 3)
-    mosaic = msd.mosaic_rggb(image)
+    mosaic = camera.mosaic_from_rgb(image)
     for y in range(4):
         for x in range(6):
             channel = {(0, 0): 0, (0, 1): 1, (1, 0): 1, (1, 1): 2}[(y % 2, x % 2)]
@@ -46,7 +49,7 @@ def test_mosaic_is_rggb():
 
 
 def test_code_values_put_black_at_64_and_white_at_1023():
-    np.testing.assert_array_equal(msd.to_code_values(np.array([-1.0, 0.0, 0.5, 1.0, 2.0])),
+    np.testing.assert_array_equal(unprocess.to_code_values(np.array([-1.0, 0.0, 0.5, 1.0, 2.0])),
                                   [0, 64, int(np.floor(64 + 0.5 * 959 + 0.5)), 1023, 1023])
 
 
@@ -55,7 +58,7 @@ def test_forward_isp_recovers_a_uniform_colour():
     four Bayer sites: black level, white balance, exposure, camera->sRGB, gamma, tone curve."""
     colour = np.array([180, 120, 60], dtype=np.uint8)
     rs = np.random.RandomState(5)
-    mosaic, params = msd.unprocess(np.tile(colour, (8, 8, 1)), rs, noise=False)
+    mosaic, params = unprocess.unprocess(np.tile(colour, (8, 8, 1)), rs, noise=False)
     linear = (mosaic.astype(np.float64) - 64) / 959
     cam = np.array([linear[0, 0], linear[0, 1], linear[1, 1]])
     assert linear[0, 1] == linear[1, 0]
@@ -69,7 +72,7 @@ def test_forward_isp_recovers_a_uniform_colour():
 def test_noise_follows_shot_plus_read_variance():
     rs = np.random.RandomState(0)
     flat = np.full((200, 200), 0.4)
-    noisy = msd.add_noise(flat.astype(np.float32), rs, 0.004, 0.0001)
+    noisy = unprocess.add_noise(flat.astype(np.float32), rs, 0.004, 0.0001)
     assert abs(noisy.var() - (0.4 * 0.004 + 0.0001)) < 0.1 * (0.4 * 0.004 + 0.0001)
 
 
@@ -112,12 +115,12 @@ def test_raw_and_target_show_the_same_scene(sample_dataset):
 
 
 def test_sample_feeds_the_training_and_test_pipelines(sample_dataset):
-    ds, log = ld.train_dataset(sample_dataset, 1, batch_size=2, train_size=8, verbose=False)
-    for raw, target in ld.batches(ds.take(2), log):
+    ds, log = data_pipeline.train_dataset(sample_dataset, 1, batch_size=2, train_size=8, verbose=False)
+    for raw, target in data_pipeline.batches(ds.take(2), log):
         assert raw.shape == (2, 224, 224, 4) and target.shape == (2, 224, 224, 3)
         assert 0.0 <= float(raw.numpy().min()) and float(raw.numpy().max()) <= 1023 / 1020
         assert 0.0 <= float(target.numpy().min()) and float(target.numpy().max()) <= 1.0
-    batches = list(ld.batches(*ld.test_dataset(sample_dataset, 0, batch_size=1, verbose=False)))
+    batches = list(data_pipeline.batches(*data_pipeline.test_dataset(sample_dataset, 0, batch_size=1, verbose=False)))
     assert len(batches) == 3 and batches[0][1].shape == (1, 448, 448, 3)
 
 
@@ -160,7 +163,7 @@ def test_refuses_to_overwrite_a_dataset_without_marker(tmp_path):
     real = tmp_path / "zrr"
     (real / "train" / "huawei_raw").mkdir(parents=True)
     (real / "train" / "huawei_raw" / "0.png").write_bytes(b"precious")
-    with pytest.raises(utils.UserError, match="without SYNTHETIC_SAMPLE.txt"):
+    with pytest.raises(cli.UserError, match="without SYNTHETIC_SAMPLE.txt"):
         msd.build(str(real), train=1, test=1, full=0, progress=False)
     assert (real / "train" / "huawei_raw" / "0.png").read_bytes() == b"precious"
     assert sorted(os.listdir(real)) == ["train"]

@@ -19,9 +19,12 @@ import numpy as np
 import pytest
 
 import checkpoints
+import cli
 import cluster as cluster_module
+import resume
+import steps
 import train_model
-import utils
+import trainer
 from helpers import ROOT, captured_gradient, random_vgg_weights, write_matconvnet_vgg
 
 LOG_LINE = re.compile(r"^step (\d+) \| training: (\S+), test: (\S+) \| content: (\S+), mse: (\S+), psnr: (\S+)"
@@ -44,8 +47,8 @@ def make_args(data, tmp, **overrides):
 
 
 def run(args, model, **kwargs):
-    trainer = train_model.Trainer(args, model=model, out=lambda *a: None, **kwargs)
-    return trainer, trainer.run()
+    job = trainer.Trainer(args, model=model, out=lambda *a: None, **kwargs)
+    return job, job.run()
 
 
 def log_lines(models_dir):
@@ -98,9 +101,9 @@ def test_short_run_lowers_level5_loss_and_writes_outputs(model, sample_dataset, 
     assert float(lines[1].group(2)) == pytest.approx(np.mean(step_losses[1:13]), rel=1e-3)
 
     for i in (0, 12, 24):
-        prefix = utils.checkpoint_prefix(str(models), 5, i)
+        prefix = checkpoints.checkpoint_prefix(str(models), 5, i)
         assert os.path.exists(prefix + ".index") and os.path.exists(prefix + ".train_state.index")
-    assert last == utils.checkpoint_prefix(str(models), 5, 24)
+    assert last == checkpoints.checkpoint_prefix(str(models), 5, 24)
     assert not [n for n in os.listdir(models) if ".tmp" in n]
 
     # every checkpoint holds all 437 variables under the reference's keys, as the reference's Saver
@@ -141,41 +144,40 @@ def test_level_handover_loads_level5_weights(model, sample_dataset, tmp_path):
     rng = np.random.default_rng(0)
     model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in trained])
     args4 = make_args(sample_dataset, tmp_path, level=4, num_train_iters=0)
-    trainer = train_model.Trainer(args4, model=model, out=lambda *a: None)
-    assert trainer.start.kind == "handover"
-    assert trainer.start.prefix == utils.checkpoint_prefix(str(tmp_path / "models"), 5, 1)  # the latest
+    job = trainer.Trainer(args4, model=model, out=lambda *a: None)
+    assert job.start.kind == "handover"
+    assert job.start.prefix == checkpoints.checkpoint_prefix(str(tmp_path / "models"), 5, 1)  # the latest
     for got, want in zip(weights_of(model), trained):
         np.testing.assert_array_equal(got, want)
     # a fresh Adam at each level, over the variables feeding output_l4 only (reference train_model.py line 97)
-    assert int(trainer.optimizer.iterations.numpy()) == 0
-    assert len(trainer.view.trainable_variables) == 104
+    assert int(job.optimizer.iterations.numpy()) == 0
+    assert len(job.view.trainable_variables) == 104
 
     # restore_iter picks an older one
     model.set_weights([rng.normal(size=w.shape).astype(np.float32) for w in trained])
-    trainer = train_model.Trainer(make_args(sample_dataset, tmp_path, level=4, restore_iter=0, num_train_iters=0),
+    job = trainer.Trainer(make_args(sample_dataset, tmp_path, level=4, restore_iter=0, num_train_iters=0),
                                   model=model,
                                   out=lambda *a: None)
-    assert trainer.start.prefix == utils.checkpoint_prefix(str(tmp_path / "models"), 5, 0)
+    assert job.start.prefix == checkpoints.checkpoint_prefix(str(tmp_path / "models"), 5, 0)
     import tensorflow as tf
 
-    reader = tf.train.load_checkpoint(trainer.start.prefix)
+    reader = tf.train.load_checkpoint(job.start.prefix)
     first_kernel = reader.get_tensor("generator/Variable")  # conv_l1_d1/conv_3a W, [3, 3, 4, 32]
     np.testing.assert_array_equal(model.get_layer("conv_l1_d1").branches[0][0].kernel.numpy(), first_kernel)
 
     # the run itself: one step at level 4, checkpoint of level 4
-    trainer.run()
-    assert os.path.exists(utils.checkpoint_prefix(str(tmp_path / "models"), 4, 0) + ".index")
+    job.run()
+    assert os.path.exists(checkpoints.checkpoint_prefix(str(tmp_path / "models"), 4, 0) + ".index")
 
 
 @pytest.mark.slow
 def test_level3_has_the_content_term(model, sample_dataset, tmp_path, fake_vgg):
-    import model as pynet
 
-    pynet.save_checkpoint(model, utils.checkpoint_prefix(str(tmp_path / "models"), 4, 7))
+    checkpoints.save_checkpoint(model, checkpoints.checkpoint_prefix(str(tmp_path / "models"), 4, 7))
     args = make_args(sample_dataset, tmp_path, level=3, num_train_iters=0, vgg_dir=fake_vgg)
     losses_seen = []
-    trainer, _ = run(args, model, on_step=lambda i, loss: losses_seen.append(loss))
-    assert trainer.start.prefix.endswith("pynet_level_4_iteration_7.ckpt")
+    job, _ = run(args, model, on_step=lambda i, loss: losses_seen.append(loss))
+    assert job.start.prefix.endswith("pynet_level_4_iteration_7.ckpt")
     (line,) = log_lines(tmp_path / "models")
     content, mse = float(line.group(4)), float(line.group(5))
     assert content > 0
@@ -185,13 +187,12 @@ def test_level3_has_the_content_term(model, sample_dataset, tmp_path, fake_vgg):
 
 @pytest.mark.slow
 def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_dataset, tmp_path):
-    import model as pynet
 
-    pynet.save_checkpoint(model, utils.checkpoint_prefix(str(tmp_path / "models"), 4, 7))
+    checkpoints.save_checkpoint(model, checkpoints.checkpoint_prefix(str(tmp_path / "models"), 4, 7))
     args = make_args(sample_dataset, tmp_path, level=3, num_train_iters=0, vgg_dir="none")
     printed = []
-    trainer = train_model.Trainer(args, model=model, out=printed.append)
-    trainer.run()
+    job = trainer.Trainer(args, model=model, out=printed.append)
+    job.run()
     assert any(str(p).startswith("WARNING: vgg_dir=none: level 3 trains WITHOUT the VGG-19 content loss")
                for p in printed)
     (line,) = log_lines(tmp_path / "models")
@@ -201,14 +202,13 @@ def test_vgg_dir_none_trains_without_the_content_term_and_says_so(model, sample_
 
 @pytest.mark.slow
 def test_mse_loss_trains_level0_without_vgg_and_says_so(model, sample_dataset, tmp_path):
-    import model as pynet
 
-    pynet.save_checkpoint(model, utils.checkpoint_prefix(str(tmp_path / "models"), 1, 7))
+    checkpoints.save_checkpoint(model, checkpoints.checkpoint_prefix(str(tmp_path / "models"), 1, 7))
     # the VGG file is absent, which would be an error with the reference's loss
     args = make_args(sample_dataset, tmp_path, level=0, num_train_iters=0, loss="mse", init="he",
                      vgg_dir=tmp_path / "absent.mat")
     printed = []
-    train_model.Trainer(args, model=model, out=printed.append).run()
+    trainer.Trainer(args, model=model, out=printed.append).run()
     assert "NOTE: loss=mse: level 0 trains on its MSE term alone, not the reference's loss" in printed
     assert "NOTE: init=he: the layers level 0 adds start from He-normal weights, not the reference's N(0, 0.01)" \
         in printed
@@ -220,12 +220,12 @@ def test_mse_loss_trains_level0_without_vgg_and_says_so(model, sample_dataset, t
 
 
 def test_reference_options_print_no_notes():
-    assert train_model.departures(train_model.parse_arguments(["level=0"])) == []
+    assert trainer.departures(train_model.parse_arguments(["level=0"])) == []
     # levels 5 and 4 are MSE alone in the reference too
-    assert train_model.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
+    assert trainer.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
     # a resumed level initialises nothing
     he = train_model.parse_arguments(["level=2", "init=he"])
-    assert len(train_model.departures(he)) == 1 and train_model.departures(he, resumed=True) == []
+    assert len(trainer.departures(he)) == 1 and trainer.departures(he, resumed=True) == []
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_resume_equals_uninterrupted_run(model, built_weights, sample_dataset, t
 
     # the same run stopped after iteration 1 (as Ctrl-C would), then resumed from a clean model
     model.set_weights(built_weights)
-    stop = train_model.StopRequest()
+    stop = trainer.StopRequest()
     seen_a = []
 
     def stop_after_1(i, loss):
@@ -249,18 +249,18 @@ def test_resume_equals_uninterrupted_run(model, built_weights, sample_dataset, t
         if i == 1:
             stop.request("test")
 
-    with pytest.raises(train_model.TrainingStopped, match="after iteration 1"):
+    with pytest.raises(trainer.TrainingStopped, match="after iteration 1"):
         run(make_args(sample_dataset, tmp_path / "split", **common), model, stop=stop, on_step=stop_after_1)
     models = tmp_path / "split" / "models"
-    assert utils.get_last_iter(5, str(models)) == 1
-    assert checkpoints.resumable_iterations(str(models), 5) == [0, 1]
+    assert checkpoints.get_last_iter(5, str(models)) == 1
+    assert resume.resumable_iterations(str(models), 5) == [0, 1]
 
     model.set_weights(built_weights)
     seen_b = []
-    trainer, _ = run(make_args(sample_dataset, tmp_path / "split", resume="true", **common), model,
+    job, _ = run(make_args(sample_dataset, tmp_path / "split", resume="true", **common), model,
                      on_step=lambda i, loss: seen_b.append(loss))
-    assert trainer.start.kind == "resume" and trainer.start.iteration == 1
-    assert int(trainer.optimizer.iterations.numpy()) == 6  # Adam's step count went on from 2
+    assert job.start.kind == "resume" and job.start.iteration == 1
+    assert int(job.optimizer.iterations.numpy()) == 6  # Adam's step count went on from 2
     np.testing.assert_array_equal(seen_a + seen_b, seen)  # same batches, same losses
     for got, want in zip(weights_of(model), straight):
         np.testing.assert_array_equal(got, want)
@@ -269,7 +269,7 @@ def test_resume_equals_uninterrupted_run(model, built_weights, sample_dataset, t
 
 
 def touch_checkpoint(models, level, iteration, state=True):
-    prefix = utils.checkpoint_prefix(str(models), level, iteration)
+    prefix = checkpoints.checkpoint_prefix(str(models), level, iteration)
     for suffix in (".index", ".data-00000-of-00001") + ((".train_state.index",) if state else ()):
         Path(prefix + suffix).touch()
     return prefix
@@ -281,30 +281,30 @@ def test_start_points(tmp_path):
     models.mkdir()
     args = lambda **kw: {"level": 5, "models_dir": str(models), "resume": False, "restore_iter": None, **kw}  # noqa
     notes = []
-    assert checkpoints.find_start(args(), log=notes.append).kind == "scratch"
-    start = checkpoints.find_start(args(resume=True), log=notes.append)
+    assert resume.find_start(args(), log=notes.append).kind == "scratch"
+    start = resume.find_start(args(resume=True), log=notes.append)
     assert start.kind == "scratch" and "starting level 5 from the beginning" in notes[-1]
 
     touch_checkpoint(models, 5, 0)
     touch_checkpoint(models, 5, 1000)
     touch_checkpoint(models, 5, 1500, state=False)  # a model checkpoint without training state
     touch_checkpoint(models, 4, 2000)
-    assert checkpoints.resumable_iterations(str(models), 5) == [0, 1000]
-    start = checkpoints.find_start(args(resume=True), log=notes.append)
+    assert resume.resumable_iterations(str(models), 5) == [0, 1000]
+    start = resume.find_start(args(resume=True), log=notes.append)
     assert (start.kind, start.iteration) == ("resume", 1000)
     assert "iteration_1500.ckpt has no training state" in notes[-1]
     # level 4 resumes its own checkpoint; without resume it starts from level 5's latest
-    assert checkpoints.find_start(args(level=4, resume=True)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
+    assert resume.find_start(args(level=4, resume=True)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
     # starting level 4 afresh where level 4 of another run is: refused, unless overwrite=true
-    with pytest.raises(utils.UserError, match="already holds level-4 checkpoints of an earlier run"):
-        checkpoints.find_start(args(level=4))
-    start = checkpoints.find_start(args(level=4, overwrite=True))
-    assert (start.kind, start.prefix) == ("handover", utils.checkpoint_prefix(str(models), 5, 1500))
-    assert checkpoints.find_start(args(level=4, restore_iter=0, overwrite=True)).prefix.endswith(
+    with pytest.raises(cli.UserError, match="already holds level-4 checkpoints of an earlier run"):
+        resume.find_start(args(level=4))
+    start = resume.find_start(args(level=4, overwrite=True))
+    assert (start.kind, start.prefix) == ("handover", checkpoints.checkpoint_prefix(str(models), 5, 1500))
+    assert resume.find_start(args(level=4, restore_iter=0, overwrite=True)).prefix.endswith(
         "pynet_level_5_iteration_0.ckpt")
-    assert checkpoints.find_start(args(level=3)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
-    with pytest.raises(utils.UserError, match="train level 3 first"):
-        checkpoints.find_start(args(level=2))
+    assert resume.find_start(args(level=3)).prefix.endswith("pynet_level_4_iteration_2000.ckpt")
+    with pytest.raises(cli.UserError, match="train level 3 first"):
+        resume.find_start(args(level=2))
 
 
 @pytest.mark.slow
@@ -331,12 +331,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, sample_dataset
                 digest[name] = hashlib.sha256((models / name).read_bytes()).hexdigest()
             poison.assign(float("nan"))
 
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(cli.UserError) as err:
         run(args, model, on_step=on_step)
     text = str(err.value)
     assert "nan" in text and "iteration 4" in text and "pynet_level_5_iteration_0.ckpt" in text
     assert "\n" not in text
-    assert utils.get_last_iter(5, str(models)) == 0
+    assert checkpoints.get_last_iter(5, str(models)) == 0
     for name, value in digest.items():  # the good checkpoint is untouched
         assert hashlib.sha256((models / name).read_bytes()).hexdigest() == value
     assert set(os.listdir(models)) == set(digest)
@@ -440,13 +440,13 @@ def test_adam_is_the_reference_adam():
         return step
 
     for mixed in (False, True):
-        optimizer = train_model.build_optimizer({"learning_rate": lr, "mixed_precision": mixed})
+        optimizer = steps.build_optimizer({"learning_rate": lr, "mixed_precision": mixed})
         weights = keras.Variable(start.copy())
         step = adam_step(optimizer, weights, mixed)
         for g in grads:
             step(tf.constant(g))
         np.testing.assert_allclose(weights.numpy(), expected, rtol=0, atol=2e-6)
-        adam = train_model.base_optimizer(optimizer)
+        adam = steps.base_optimizer(optimizer)
         assert int(adam.iterations.numpy()) == len(grads)
         np.testing.assert_allclose(adam.variables[2].numpy(), m, atol=1e-6)  # [iterations, lr, m, v]
 
@@ -460,10 +460,10 @@ def test_accumulation_run_matches_big_batch_run(model, built_weights, sample_dat
         model,
         on_step=lambda i, loss: seen_big.append(loss))
     model.set_weights(built_weights)
-    trainer, _ = run(make_args(sample_dataset, tmp_path / "acc", batch_size=4, accum_steps=2, num_train_iters=1,
+    job, _ = run(make_args(sample_dataset, tmp_path / "acc", batch_size=4, accum_steps=2, num_train_iters=1,
                                eval_step=5), model, on_step=lambda i, loss: seen_acc.append(loss))
-    assert trainer.args["eval_batch_size"] == 2
-    assert int(trainer.optimizer.iterations.numpy()) == 2  # one Adam step per 2 micro-batches
+    assert job.args["eval_batch_size"] == 2
+    assert int(job.optimizer.iterations.numpy()) == 2  # one Adam step per 2 micro-batches
     assert_same_losses(seen_acc, seen_big)
 
 
@@ -499,8 +499,8 @@ for name in ("one", "mirrored"):
         f"strategy={name}",
         f"models_dir={out}/{name}_models", f"results_dir={out}/{name}_results"]
         + (["devices=/cpu:0,/cpu:1"] if name == "mirrored" else []))
-    trainer = train_model.Trainer(args, strategy, model=model, on_step=lambda i, loss: seen.append(loss))
-    trainer.run()
+    job = trainer.Trainer(args, strategy, model=model, on_step=lambda i, loss: seen.append(loss))
+    job.run()
     results[name] = {"replicas": strategy.num_replicas_in_sync, "losses": seen}
 json.dump(results, open(f"{out}/result.json", "w"))
 """
@@ -535,10 +535,10 @@ def test_mixed_precision_keeps_float32_variables_and_loss(sample_dataset, tmp_pa
 
     # The dynamic loss scale starts at 2^15 and halves on every overflow: here the first ~12
     # steps are skipped before updates go through, hence 20 steps.
-    reader = tf.train.load_checkpoint(utils.checkpoint_prefix(str(tmp_path / "models"), 5, 19))
+    reader = tf.train.load_checkpoint(checkpoints.checkpoint_prefix(str(tmp_path / "models"), 5, 19))
     assert set(reader.get_variable_to_dtype_map().values()) == {tf.float32}
     first = reader.get_tensor("generator/Variable_28")  # conv_l5_d1/conv_3a W, trained at level 5
-    initial = tf.train.load_checkpoint(utils.checkpoint_prefix(str(tmp_path / "models"), 5, 0))
+    initial = tf.train.load_checkpoint(checkpoints.checkpoint_prefix(str(tmp_path / "models"), 5, 0))
     assert np.abs(first - initial.get_tensor("generator/Variable_28")).max() > 0  # updates were applied
     lines = log_lines(tmp_path / "models")
     assert all(np.isfinite(float(m.group(2))) and np.isfinite(float(m.group(3))) for m in lines)
@@ -562,7 +562,7 @@ def test_cli_level5_sigterm_then_level4(sample_dataset, tmp_path):
                 break
         # then for its checkpoint (the index is renamed last): a signal before that stops at
         # iteration 0, whose checkpoint the evaluation writes anyway, which would prove nothing
-        index = utils.checkpoint_prefix(str(tmp_path / "models"), 5, 0) + ".index"
+        index = checkpoints.checkpoint_prefix(str(tmp_path / "models"), 5, 0) + ".index"
         deadline = time.monotonic() + 300
         while not os.path.exists(index) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
@@ -573,21 +573,21 @@ def test_cli_level5_sigterm_then_level4(sample_dataset, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err[-2000:]
-    last = utils.get_last_iter(5, str(tmp_path / "models"))
+    last = checkpoints.get_last_iter(5, str(tmp_path / "models"))
     assert last is not None and last >= 1
     assert f"stopped by SIGTERM after iteration {last}" in err and "resume=true" in err
-    assert checkpoints.resumable_iterations(str(tmp_path / "models"), 5)[-1] == last
+    assert resume.resumable_iterations(str(tmp_path / "models"), 5)[-1] == last
 
     proc = subprocess.run([sys.executable, "train_model.py", "level=4", "num_train_iters=1", "eval_step=1"] + common,
                           env=ENV, cwd=str(ROOT), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"from {utils.checkpoint_prefix(str(tmp_path / 'models'), 5, last)}" in proc.stdout
+    assert f"from {checkpoints.checkpoint_prefix(str(tmp_path / 'models'), 5, last)}" in proc.stdout
     assert "parameters:" in proc.stdout and "synthetic sample" in proc.stdout
-    assert utils.get_last_iter(4, str(tmp_path / "models")) == 1
+    assert checkpoints.get_last_iter(4, str(tmp_path / "models")) == 1
 
 
 def cli_error(argv, capsys):
-    code = utils.run(train_model.main, [str(a) for a in argv])
+    code = cli.run(train_model.main, [str(a) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     return code, err[-1] if err else ""
 
@@ -651,7 +651,7 @@ def test_per_level_defaults_are_the_reference_s():
 
 
 def test_log_line_format():
-    line = train_model.format_log(1000, 0.123456, {"loss": 1.5, "content": 2.25, "mse": 0.0123456, "psnr": 19.0853,
+    line = trainer.format_log(1000, 0.123456, {"loss": 1.5, "content": 2.25, "mse": 0.0123456, "psnr": 19.0853,
                                                    "ms_ssim": 0.876543})
     assert line == ("step 1000 | training: 0.1235, test: 1.5 | content: 2.25, mse: 0.01235, psnr: 19.09, "
                     "ms-ssim: 0.8765")
@@ -708,7 +708,7 @@ def test_multi_worker_two_processes_equal_one_device(model, sample_dataset, tmp_
         assert "2 replica(s)" in out
     assert not (tmp_path / "w1").exists() and not (tmp_path / "r1").exists()  # worker 1 writes nothing
     lines = log_lines(tmp_path / "w0")
-    assert utils.get_last_iter(5, str(tmp_path / "w0")) == 1
+    assert checkpoints.get_last_iter(5, str(tmp_path / "w0")) == 1
 
     seen = []
     run(make_args(sample_dataset, tmp_path / "single", num_train_iters=1, eval_step=1), model,

@@ -8,22 +8,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import checkpoints
+import cli
+import files
+import images
+import runtime
 import utils
+from cli import Arg, UsageError
 from helpers import ROOT
-from utils import Arg, UsageError
 
 SPEC = [
     utils.level_arg(),
-    Arg("batch_size", int, 50, "patches per step", check=utils.positive),
-    Arg("learning_rate", float, 5e-5, "Adam step size", check=utils.positive),
-    Arg("orig", utils.BOOL, False, "released weights"),
+    Arg("batch_size", int, 50, "patches per step", check=cli.positive),
+    Arg("learning_rate", float, 5e-5, "Adam step size", check=cli.positive),
+    Arg("orig", cli.BOOL, False, "released weights"),
     utils.restore_iter_arg(),
     Arg("num_train_iters", int, lambda p: utils.NUM_DEFAULT_TRAIN_ITERS[p["level"]], "iterations"),
 ]
 
 
 def parse(*tokens):
-    return utils.parse_args(list(tokens), SPEC, "prog.py", "A test program.")
+    return cli.parse_args(list(tokens), SPEC, "prog.py", "A test program.")
 
 
 def test_defaults_and_types():
@@ -65,7 +70,7 @@ def test_repeated_key_is_an_error():
 
 @pytest.mark.parametrize("flag", ["help", "-h", "--help"])
 def test_help_lists_every_argument_with_its_default(flag, capsys):
-    with pytest.raises(utils.HelpRequested):
+    with pytest.raises(cli.HelpRequested):
         parse(flag)
     text = capsys.readouterr().out
     for arg in SPEC:
@@ -77,23 +82,23 @@ def test_run_maps_errors_to_one_line_and_exit_codes(capsys):
     def bad_value(argv):
         parse(*argv)
 
-    assert utils.run(bad_value, ["level=9"]) == 2
+    assert cli.run(bad_value, ["level=9"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: level=9: expected one of 0, 1, 2, 3, 4, 5"]
 
     def missing(argv):
-        raise utils.UserError("data/x.png: file not found")
+        raise cli.UserError("data/x.png: file not found")
 
-    assert utils.run(missing, []) == 1
+    assert cli.run(missing, []) == 1
     assert capsys.readouterr().err == "error: data/x.png: file not found\n"
-    assert utils.run(bad_value, ["help"]) == 0
+    assert cli.run(bad_value, ["help"]) == 0
 
 
 def test_a_closed_pipe_stops_quietly():
     """`python test_model.py help | head -1`: the reader leaves early; no traceback."""
-    code = ("import sys, utils\n"
+    code = ("import sys, cli\n"
             "def main(argv):\n"
             "    raise BrokenPipeError(32, 'Broken pipe')\n"
-            "sys.exit(utils.run(main))\n")
+            "sys.exit(cli.run(main))\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 141
     assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr
@@ -104,16 +109,16 @@ def test_get_last_iter_reads_complete_checkpoints_only(tmp_path):
                  "pynet_level_4_iteration_9000.ckpt.data-00000-of-00001",  # no index: incomplete
                  "pynet_level_40_iteration_7000.ckpt.index", "pynet_level_3_iteration_8000.ckpt.index"]:
         (tmp_path / name).write_bytes(b"")
-    assert utils.get_last_iter(4, str(tmp_path)) == 5000
-    assert utils.get_last_iter(2, str(tmp_path)) is None
-    assert utils.get_last_iter(4, str(tmp_path / "absent")) is None
+    assert checkpoints.get_last_iter(4, str(tmp_path)) == 5000
+    assert checkpoints.get_last_iter(2, str(tmp_path)) is None
+    assert checkpoints.get_last_iter(4, str(tmp_path / "absent")) is None
 
 
 def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
     target = tmp_path / "out.png"
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with utils.atomic_path(str(target)) as tmp:
+        with files.atomic_path(str(target)) as tmp:
             with open(tmp, "wb") as handle:
                 handle.write(b"half")
             raise RuntimeError("crash")
@@ -124,9 +129,9 @@ def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
 @pytest.mark.parametrize("bits", [8, 16])
 def test_write_png_round_trips(tmp_path, bits):
     rng = np.random.default_rng(0)
-    image = utils.to_uint(rng.uniform(-0.1, 1.1, (5, 7, 3)), bits)
+    image = images.to_uint(rng.uniform(-0.1, 1.1, (5, 7, 3)), bits)
     path = str(tmp_path / "x.png")
-    utils.write_png(path, image)
+    images.write_png(path, image)
     if bits == 8:
         np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
     else:  # Pillow has no 16-bit RGB mode: read it with pypng, an independent decoder
@@ -139,49 +144,49 @@ def test_write_png_round_trips(tmp_path, bits):
 
 def test_to_uint_clips_or_stretches():
     image = np.array([[[-0.5, 0.5, 1.5]]])
-    np.testing.assert_array_equal(utils.to_uint(image, 8), [[[0, 128, 255]]])
-    np.testing.assert_array_equal(utils.to_uint(image, 8, stretch=True), [[[0, 128, 255]]])
+    np.testing.assert_array_equal(images.to_uint(image, 8), [[[0, 128, 255]]])
+    np.testing.assert_array_equal(images.to_uint(image, 8, stretch=True), [[[0, 128, 255]]])
     image = np.array([[[0.25, 0.5, 0.75]]])
-    np.testing.assert_array_equal(utils.to_uint(image, 8, stretch=True), [[[0, 128, 255]]])
-    np.testing.assert_array_equal(utils.to_uint(image, 16), [[[16384, 32768, 49151]]])
+    np.testing.assert_array_equal(images.to_uint(image, 8, stretch=True), [[[0, 128, 255]]])
+    np.testing.assert_array_equal(images.to_uint(image, 16), [[[16384, 32768, 49151]]])
 
 
 def test_read_mosaic_rejects_colour_images_and_missing_files(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
-    with pytest.raises(utils.UserError, match="rgb.png: expected a single-channel Bayer mosaic"):
-        utils.read_mosaic(str(tmp_path / "rgb.png"))
-    with pytest.raises(utils.UserError, match="nope.png: file not found"):
-        utils.read_mosaic(str(tmp_path / "nope.png"))
+    with pytest.raises(cli.UserError, match="rgb.png: expected a single-channel Bayer mosaic"):
+        images.read_mosaic(str(tmp_path / "rgb.png"))
+    with pytest.raises(cli.UserError, match="nope.png: file not found"):
+        images.read_mosaic(str(tmp_path / "nope.png"))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(utils.UserError, match="broken.png: cannot read the PNG"):
-        utils.read_mosaic(str(tmp_path / "broken.png"))
+    with pytest.raises(cli.UserError, match="broken.png: cannot read the PNG"):
+        images.read_mosaic(str(tmp_path / "broken.png"))
 
 
-# glibc's malloc on transparent huge pages (utils.run_with_huge_pages, test_model.py's start)
+# glibc's malloc on transparent huge pages (runtime.run_with_huge_pages, test_model.py's start)
 
 GLIBC = ("glibc", "2.36")
 
 
 def test_huge_pages_are_asked_for_only_where_glibc_and_the_kernel_can_give_them():
     env = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    chosen = utils.huge_pages_environment(env, GLIBC, "madvise")
+    chosen = runtime.huge_pages_environment(env, GLIBC, "madvise")
     assert chosen == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"}
-    assert utils.huge_pages_environment({}, ("glibc", "2.39"), "always")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert utils.huge_pages_environment({}, ("glibc", "2.31"), "madvise") is None   # no such tunable before 2.35
-    assert utils.huge_pages_environment({}, ("", ""), "madvise") is None            # musl, macOS, Windows
-    assert utils.huge_pages_environment({}, GLIBC, "never") is None
-    assert utils.huge_pages_environment({}, GLIBC, "") is None                      # no THP in this kernel
+    assert runtime.huge_pages_environment({}, ("glibc", "2.39"), "always")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert runtime.huge_pages_environment({}, ("glibc", "2.31"), "madvise") is None   # no such tunable before 2.35
+    assert runtime.huge_pages_environment({}, ("", ""), "madvise") is None            # musl, macOS, Windows
+    assert runtime.huge_pages_environment({}, GLIBC, "never") is None
+    assert runtime.huge_pages_environment({}, GLIBC, "") is None                      # no THP in this kernel
     # a user's value wins (and a process started again with the tunable is not started a third time)
-    assert utils.huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise") is None
+    assert runtime.huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, GLIBC, "madvise") is None
 
 
 def test_thp_mode_reads_the_kernels_bracketed_choice(tmp_path):
     setting = tmp_path / "enabled"
     setting.write_text("always [madvise] never\n")
-    assert utils.thp_mode(str(setting)) == "madvise"
+    assert runtime.thp_mode(str(setting)) == "madvise"
     setting.write_text("[always] madvise never\n")
-    assert utils.thp_mode(str(setting)) == "always"
-    assert utils.thp_mode(str(tmp_path / "missing")) == ""
+    assert runtime.thp_mode(str(setting)) == "always"
+    assert runtime.thp_mode(str(tmp_path / "missing")) == ""
 
 
 # Started as a script: runs itself again on huge pages, then mallocs 64 MiB through glibc (as
@@ -189,10 +194,10 @@ def test_thp_mode_reads_the_kernels_bracketed_choice(tmp_path):
 HUGE_PAGE_SCRIPT = """
 import ctypes, os, sys
 sys.path.insert(0, {root!r})
-import utils
+import runtime
 print("start", sys.argv[1:], flush=True)
 if __name__ == "__main__":
-    utils.run_with_huge_pages()
+    runtime.run_with_huge_pages()
 
 def huge_kib():
     with open("/proc/self/smaps_rollup") as handle:
@@ -204,7 +209,7 @@ before = huge_kib()
 block = libc.malloc(64 << 20)
 ctypes.memset(block, 1, 64 << 20)
 print("huge", huge_kib() - before)
-print(utils.huge_pages_note())
+print(runtime.huge_pages_note())
 """
 
 
@@ -218,7 +223,7 @@ def run_huge_page_script(tmp_path, **env):
     return proc.stdout.splitlines()
 
 
-@pytest.mark.skipif(utils.huge_pages_environment({}) is None,
+@pytest.mark.skipif(runtime.huge_pages_environment({}) is None,
                     reason="this machine's glibc or kernel has no transparent huge pages for malloc")
 def test_a_script_started_on_huge_pages_runs_again_once_with_its_arguments_and_gets_them(tmp_path):
     lines = run_huge_page_script(tmp_path)
@@ -229,6 +234,6 @@ def test_a_script_started_on_huge_pages_runs_again_once_with_its_arguments_and_g
     # those who ask) the block is on 4 KiB pages
     lines = run_huge_page_script(tmp_path, GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
     assert lines[0] == "start ['a=1', 'b=two words']" and lines[1].startswith("huge")
-    if utils.thp_mode() == "madvise":
+    if runtime.thp_mode() == "madvise":
         assert int(lines[1].split()[1]) == 0
     assert lines[2] == "Memory: malloc on 4 KiB pages"

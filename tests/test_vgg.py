@@ -5,8 +5,8 @@ import pytest
 import scipy.io
 
 import vgg
+from cli import UserError
 from helpers import np_vgg_relu5_4, random_vgg_weights, write_matconvnet_vgg
-from utils import UserError
 
 # ---------------------------------------------------------------------------------------
 

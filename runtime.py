@@ -1,0 +1,248 @@
+"""The process's runtime settings: CPU kernels, malloc's pages and thresholds, TensorFlow's log.
+
+The rule, enforced here: these settings are read by TensorFlow and glibc when they start, so
+they must be made before TensorFlow is imported (``select_cpu_kernels`` says nothing and
+changes nothing once it is: a caller in the same process made the choice) and, for glibc's
+tunables, before the process starts (``run_with_huge_pages`` starts the script again). Every
+script therefore imports TensorFlow, and the modules that import it at their top (model,
+render, ...), only inside the functions that run after these settings, never at its own top,
+which also keeps ``python SCRIPT.py help`` instant.
+"""
+
+import contextlib
+import ctypes
+import os
+import platform
+import re
+import sys
+import tempfile
+
+# TensorFlow's C++ start-up notes (CPU features, absl) drown the scripts' own output; errors
+# still show. Every script imports this module before TensorFlow; a user's value wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tensorflow_started() -> bool:
+    return "tensorflow" in sys.modules
+
+
+@contextlib.contextmanager
+def c_stderr_captured():
+    """Collect what C libraries print straight to file descriptor 2 in the block (LibRaw's
+    errors, TensorFlow's start-up notices), in ``captured["text"]`` once the block ends."""
+    captured = {"text": ""}
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2: nothing to capture
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured["text"] = sink.read().decode("utf-8", "replace").strip()
+
+
+# What TensorFlow's C++ libraries print at import whatever TF_CPP_MIN_LOG_LEVEL says (absl logs
+# before it is initialised): notices, not errors, and each twice. The scripts print their own
+# "CPU kernels: ..." line instead.
+_START_UP_NOTICES = ("All log messages before absl::InitializeLog() is called are written to STDERR",
+                     "oneDNN custom operations are on")
+
+
+def start_tensorflow():
+    """Import TensorFlow after select_cpu_kernels, keeping its start-up notices out of the
+    scripts' output (so that an error is one line); anything else it prints still shows."""
+    if tensorflow_started():
+        return sys.modules["tensorflow"]
+    with c_stderr_captured() as captured:
+        import tensorflow as tf
+    kept = [line for line in captured["text"].splitlines() if not any(n in line for n in _START_UP_NOTICES)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    return tf
+
+
+# ---------------------------------------------------------------------------------------
+# CPU kernels: oneDNN or TensorFlow's own (Eigen), chosen before TensorFlow starts
+
+ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
+_AVX512_CORE = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def cpu_flags() -> set:
+    """The instruction-set flags of this CPU (Linux), limited by ONEDNN_MAX_CPU_ISA when it
+    caps oneDNN below AVX-512; an empty set where they cannot be read."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return set()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    if cap and not cap.startswith(("AVX512", "AVX10", "AMX", "ALL", "DEFAULT")):
+        flags = {f for f in flags if not f.startswith("avx512")}
+    return flags
+
+
+def choose_onednn(training: bool, smallest_batch: int, flags=None):
+    """(use oneDNN?, why) for this process, or (None, why) to keep TensorFlow's own default.
+
+    Measured on 2-core AMD EPYC machines (benchmarks/README.md): with AVX-512, oneDNN is the
+    faster backend for training and inference; with AVX2 only, it halves a training step, but
+    for a batch of ONE image oneDNN finds no optimised convolution for the large kernels of
+    levels 1 and 0 (a 9x9 convolution of 96 maps at 64x64: 30 s instead of 0.02 s, its
+    ``ref:any`` fallback), so a process that runs single images (rendering, evaluation or
+    training with batches of one) keeps TensorFlow's own kernels there.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return None, "TensorFlow's default (CPU features unknown)"
+    if _AVX512_CORE <= flags:
+        return True, "AVX-512 CPU"
+    if {"avx2", "fma"} <= flags:
+        if training and smallest_batch >= 2:
+            return True, "AVX2 CPU, training with batches of 2 or more"
+        return False, "AVX2 CPU without AVX-512: oneDNN has no fast convolution for single images there"
+    return False, "CPU without AVX2"
+
+
+def select_cpu_kernels(training: bool, smallest_batch: int = 1, out=print) -> None:
+    """Set TF_ENABLE_ONEDNN_OPTS for this process (a user's value wins) and say which kernels
+    run, once. Must run before TensorFlow is imported: afterwards it does nothing (a caller in
+    the same process, such as quickstart.py, made the choice)."""
+    user = os.environ.get(ONEDNN_VARIABLE)
+    if user is not None:
+        choice, why = user.strip().lower() in ("1", "true", "yes", "on"), f"{ONEDNN_VARIABLE}={user}"
+    elif tensorflow_started():
+        return
+    else:
+        choice, why = choose_onednn(training, smallest_batch)
+        if choice is not None:
+            os.environ[ONEDNN_VARIABLE] = "1" if choice else "0"
+    what = "TensorFlow's default" if choice is None else ("oneDNN" if choice else "TensorFlow's own (Eigen)")
+    out(f"CPU kernels: {what} ({why})")
+
+
+# ---------------------------------------------------------------------------------------
+# Memory pages: glibc's malloc on transparent huge pages, chosen before the process starts
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def thp_mode(path=_THP_SETTING) -> str:
+    """The kernel's transparent huge page mode (always, madvise or never); "" where unknown."""
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError:
+        return ""
+    match = re.search(r"\[(\w+)\]", text)
+    return match.group(1) if match else ""
+
+
+def huge_pages_environment(environ=None, libc=None, thp=None):
+    """The environment under which glibc's malloc backs its large blocks with transparent huge
+    pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1), or None to leave the process as it is: not
+    Linux with glibc 2.35 or later (older ones ignore the tunable), huge pages turned off in
+    the kernel, or GLIBC_TUNABLES already naming the tunable (a user's value wins).
+
+    Why: rendering in strips frees and allocates tens of GB of feature-map blocks, each one
+    mapped afresh, and faulting them in 4 KiB pages is what made a 12 MP frame in strips
+    slower than the whole frame (benchmarks/README.md, "Inference")."""
+    environ = os.environ if environ is None else environ
+    if libc is None:
+        libc = platform.libc_ver() if sys.platform.startswith("linux") else ("", "")
+    name, version = libc
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if name != "glibc" or numbers < (2, 35):
+        return None
+    if (thp if thp is not None else thp_mode()) not in ("always", "madvise"):
+        return None
+    if HUGE_PAGES_TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+        return None
+    return {**environ, "GLIBC_TUNABLES": tunables_with_huge_pages(1, environ)}
+
+
+def tunables_with_huge_pages(value: int, environ=None) -> str:
+    """GLIBC_TUNABLES of ``environ`` with glibc.malloc.hugetlb=``value`` added (the last wins)."""
+    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    return ":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}={value}"]))
+
+
+def run_with_huge_pages() -> None:
+    """Start this script again, same interpreter and arguments, with glibc's malloc on huge
+    pages where huge_pages_environment says so (glibc reads its tunables only at start-up);
+    otherwise return. Call first thing in ``__main__``, before anything is printed."""
+    environment = huge_pages_environment()
+    if environment is None:
+        return
+    try:
+        sys.stdout.flush()
+        os.execve(sys.executable, list(getattr(sys, "orig_argv", [sys.executable] + sys.argv)), environment)
+    except OSError:
+        return  # no re-exec: the run goes on with 4 KiB pages
+
+
+def huge_pages_note(environ=None) -> str:
+    """One line saying whether malloc runs on huge pages in this process, for the scripts' log."""
+    environ = os.environ if environ is None else environ
+    match = re.search(rf"{re.escape(HUGE_PAGES_TUNABLE)}=(\d+)", environ.get("GLIBC_TUNABLES", ""))
+    if match and match.group(1) != "0":
+        return (f"Memory: malloc on transparent huge pages (GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}="
+                f"{match.group(1)}; {HUGE_PAGES_TUNABLE}=0 turns it off)")
+    return "Memory: malloc on 4 KiB pages"
+
+
+def configure_devices(use_gpu: bool) -> None:
+    """Hide the GPUs when asked; must run before TensorFlow touches a device."""
+    import tensorflow as tf  # here: after select_cpu_kernels, by this module's rule
+
+    if not use_gpu:
+        tf.config.set_visible_devices([], "GPU")
+
+
+# ---------------------------------------------------------------------------------------
+# memory of a rendering process
+
+def bound_memory():
+    """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
+    allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
+    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against under 2 GiB
+    for a 12 MP frame, where malloc on huge pages (utils.run_with_huge_pages) is about as
+    fast (250 s for the pool; benchmarks/README.md, "Inference"). Takes effect only before
+    TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
+    os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
+
+
+_MALLOC_SET = []
+
+
+def return_freed_memory(threshold=1 << 20):
+    """Have glibc serve blocks of ``threshold`` bytes and more from mmap, so they go back to the
+    system when freed. By default glibc raises that threshold up to 32 MiB as large blocks are
+    freed, then keeps the strips of feature maps (1 to 30 MiB) in its heaps, where
+    fragmentation holds freed memory in the process: a 12 MP frame's trunk then peaks at
+    2.9 GiB instead of 2.2 GiB. test_model.py sets it before the checkpoint is restored when
+    a frame will go in strips: restoring frees 190 MB of blocks of up to 9 MiB, which raises
+    the threshold, and the weights' copies then sit in the heaps among the freed blocks; a
+    quarter frame peaked at 1.35 GiB that way against 1.16 GiB (benchmarks/README.md). Not
+    for small frames rendered whole: mmapping each of their maps afresh costs about 10% per
+    photo. Once per process; nothing where there is no glibc."""
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET.append(threshold)
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD (also stops its adjustment)
+    except (OSError, AttributeError):
+        pass
