@@ -55,8 +55,9 @@ def parse(argv):
 
 def collage(width, height):
     """Return a width x height RGB photo: nine bundled photos in a 3 x 3 grid, upscaled (bicubic)."""
-    import scenes
     from PIL import Image
+
+    import scenes
 
     cell_w, cell_h = width // 3, height // 3
     canvas = Image.new("RGB", (cell_w * 3, cell_h * 3))
@@ -70,8 +71,9 @@ def collage(width, height):
 
 def synthetic_pair(width, height, scale, seed=0):
     """Return (mosaic, reference, true homography) for a 4:3 mosaic of 2/3 the reference's width."""
-    import scenes
     from scipy import ndimage
+
+    import scenes
 
     reference = collage(width, height)
     shape = (height * 3 // 4 // 2 * 2, width * 2 // 3 // 2 * 2)

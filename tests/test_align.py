@@ -15,9 +15,9 @@ Scenes (patch sizes kept small so that the module runs in well under a minute on
 
 import numpy as np
 import pytest
-import scenes
 
 import align
+import scenes
 from helpers import write_dng
 
 P_MAIN, P_EDITS, P_FOV = 64, 64, 48
