@@ -171,7 +171,7 @@ def read_verified(prefix: str, labels: dict = None) -> dict:
 
 
 def nonfinite_count(variables) -> int:
-    """Number of NaN/Inf values in floating-point variables (60 ms for the full model on a CPU)."""
+    """Number of NaN/Inf values in floating-point variables."""
     total = 0
     for var in variables:
         value = var.numpy()

@@ -58,8 +58,8 @@ class Stream(NamedTuple):
 
 
 def decode_threads() -> int:
-    """Threads that read and decode patches: one per four CPU cores (17 ms per level-5
-    sample on one core, a few % of a training step's work)."""
+    """Threads that read and decode patches: one per four CPU cores, as decoding is a small
+    share of a training step's work (benchmarks/README.md, "Data pipeline")."""
     return max(1, (os.cpu_count() or 1) // 4)
 
 

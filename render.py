@@ -27,9 +27,9 @@ def level_function(model, level: int, xla: bool = False):
     function of a batch of packed frames, compiled once per input size and kept, so that the
     next photo or batch of that size reuses it: what test_model.py and evaluate_accuracy.py
     run, and training's visual results (``xla``: compiled with XLA, as train_model.py's
-    xla=true). A graph of fixed shapes (measured ~4% faster than one of any size on a 224x224
-    frame); a plain tf.function rather than Keras' predict_on_batch, a few percent slower,
-    and a graph keeps fewer maps alive than running the layers eagerly."""
+    xla=true). A graph of fixed shapes, faster than one of any size; a plain tf.function
+    rather than Keras' predict_on_batch, which is slower, and a graph keeps fewer maps alive
+    than running the layers eagerly (benchmarks/README.md, "Inference")."""
     key = (id(model), level, xla)
     if key not in _VIEWS or _VIEWS[key][0] is not model:
         view = keras.Model(model.inputs, level_output(model, level), name=f"{model.name}_level_{level}")
@@ -80,14 +80,13 @@ def pack(mosaic, crop: str = "none"):
     return camera.extract_bayer_channels(crop_mosaic(mosaic, crop))
 
 
-# Automatic choice (tile_size=none), for a peak RSS within about 2.5 GiB on a CPU:
-# * the whole frame at once, the fastest, while it is small: that costs ~2.4 KiB per packed
-#   pixel above the ~0.8 GiB of TensorFlow and the weights (measured: 736K packed pixels,
-#   a 3 MP photo, peaked at 2.51 GiB with bench_inference.py frame_packed=736x1024), so
-#   up to 640K packed pixels (~2.3 GiB);
-# * otherwise strips of about STRIP_PIXELS packed pixels (64 rows of a 12 MP frame), a
-#   multiple of 8 rows: a 12 MP frame then peaks at 1.92 GiB, reached while the
-#   instance-normalised maps of level 2 are held (benchmarks/README.md, "Inference").
+# Automatic choice (tile_size=none), so that a photo of any size renders within the memory
+# stated in benchmarks/README.md, "Inference":
+# * the whole frame at once, the fastest, while it is small: its memory grows with the frame,
+#   so up to WHOLE_FRAME_PIXELS packed pixels (bench_inference.py frame_packed= measures it);
+# * otherwise strips of about STRIP_PIXELS packed pixels, a multiple of 8 rows, whose peak is
+#   reached while the instance-normalised maps of level 2 are held and no longer grows with
+#   the strips' height.
 WHOLE_FRAME_PIXELS = 640 * 1024
 STRIP_PIXELS = 128 * 1024
 MIN_STRIP_ROWS, MAX_STRIP_ROWS = 8, 256

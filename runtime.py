@@ -96,12 +96,12 @@ def cpu_flags() -> set:
 def choose_onednn(training: bool, smallest_batch: int, flags=None):
     """(use oneDNN?, why) for this process, or (None, why) to keep TensorFlow's own default.
 
-    Measured on 2-core AMD EPYC machines (benchmarks/README.md): with AVX-512, oneDNN is the
-    faster backend for training and inference; with AVX2 only, it halves a training step, but
-    for a batch of ONE image oneDNN finds no optimised convolution for the large kernels of
-    levels 1 and 0 (a 9x9 convolution of 96 maps at 64x64: 30 s instead of 0.02 s, its
-    ``ref:any`` fallback), so a process that runs single images (rendering, evaluation or
-    training with batches of one) keeps TensorFlow's own kernels there.
+    With AVX-512, oneDNN is the faster backend for training and inference; with AVX2 only, it
+    is faster for training, but for a batch of ONE image oneDNN finds no optimised convolution
+    for the large kernels of levels 1 and 0 and falls back to its ``ref:any`` loops, many
+    times slower, so a process that runs single images (rendering, evaluation or training
+    with batches of one) keeps TensorFlow's own kernels there (benchmarks/README.md,
+    "Kernels").
     """
     flags = cpu_flags() if flags is None else flags
     if not flags:
@@ -217,10 +217,9 @@ def configure_devices(use_gpu: bool) -> None:
 def bound_memory():
     """Where TensorFlow runs oneDNN kernels (its default on CPUs with AVX-512 VNNI), have them
     allocate through malloc rather than their own pool: the pool keeps the whole-frame peak
-    of levels 2 to 5 for the rest of the run and fragments, about 3.3 GiB against under 2 GiB
-    for a 12 MP frame, where malloc on huge pages (utils.run_with_huge_pages) is about as
-    fast (250 s for the pool; benchmarks/README.md, "Inference"). Takes effect only before
-    TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
+    of levels 2 to 5 for the rest of the run and fragments, where malloc on huge pages
+    (run_with_huge_pages) is about as fast (benchmarks/README.md, "Inference"). Takes effect
+    only before TensorFlow starts; a user's TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 wins."""
     os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
 
@@ -229,15 +228,14 @@ _MALLOC_SET = []
 
 def return_freed_memory(threshold=1 << 20):
     """Have glibc serve blocks of ``threshold`` bytes and more from mmap, so they go back to the
-    system when freed. By default glibc raises that threshold up to 32 MiB as large blocks are
-    freed, then keeps the strips of feature maps (1 to 30 MiB) in its heaps, where
-    fragmentation holds freed memory in the process: a 12 MP frame's trunk then peaks at
-    2.9 GiB instead of 2.2 GiB. test_model.py sets it before the checkpoint is restored when
-    a frame will go in strips: restoring frees 190 MB of blocks of up to 9 MiB, which raises
-    the threshold, and the weights' copies then sit in the heaps among the freed blocks; a
-    quarter frame peaked at 1.35 GiB that way against 1.16 GiB (benchmarks/README.md). Not
-    for small frames rendered whole: mmapping each of their maps afresh costs about 10% per
-    photo. Once per process; nothing where there is no glibc."""
+    system when freed. By default glibc raises that threshold (up to 32 MiB) as large blocks
+    are freed, then keeps the strips of feature maps in its heaps, where fragmentation holds
+    freed memory in the process. test_model.py sets it before the checkpoint is restored when
+    a frame will go in strips: restoring frees many large blocks, which raises the threshold,
+    and the weights' copies would then sit in the heaps among the freed blocks. Not for small
+    frames rendered whole: mmapping each of their maps afresh makes each photo slower. The
+    figures: benchmarks/README.md, "Inference". Once per process; nothing where there is no
+    glibc."""
     if _MALLOC_SET:
         return
     _MALLOC_SET.append(threshold)

@@ -17,8 +17,8 @@ from model import IN_EPSILON, LEAKY_SLOPE, ConvLayer, MultiConvBlock, OutputHead
 
 # How it works.
 #
-# The whole-frame graph holds every feature map of the frame at once (a 12 MP frame peaks
-# near 6 GiB on a CPU and does not fit 11 GB GPUs). Here the same graph, read from the
+# The whole-frame graph holds every feature map of the frame at once (a 12 MP frame needs
+# several times the memory of a small GPU; benchmarks/README.md, "Inference"). Here the same graph, read from the
 # Keras model and using its variables, runs over strips of rows spanning the whole width:
 #
 # * a layer without instance norm is computed strip by strip and keeps only the rows its
@@ -38,8 +38,8 @@ from model import IN_EPSILON, LEAKY_SLOPE, ConvLayer, MultiConvBlock, OutputHead
 #   ones held while level 2 makes the peak that are cheapest to compute again.
 #
 # Zero padding is applied only at the frame's edges, and the output equals the whole-frame
-# one up to float rounding. The input of pool1 (conv_l1_d1, no instance norm, 0.2% of the
-# work) is computed again rather than kept for the whole frame.
+# one up to float rounding. The input of pool1 (conv_l1_d1, no instance norm, a tiny share of
+# the work) is computed again rather than kept for the whole frame.
 # The peak memory is reached while the maps of level 2 are held; oneDNN allocates through
 # malloc there (runtime.bound_memory). Strips free and allocate several times the whole frame's
 # memory in blocks of 1-30 MiB, so faulting them in costs more than for the whole frame:
@@ -52,7 +52,7 @@ MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use 
 # Feature maps are held as (rows, W, C) tensors: slicing rows is then a slice of the first
 # dimension, which TensorFlow serves without copying. Strips run eagerly, but for their
 # convolutions (see _conv_function): tracing a steady strip once into a graph and replaying
-# it was no faster on a 12 MP frame (240 s op by op, 249 s replayed).
+# it was no faster on a 12 MP frame.
 
 def _conv_rows(x, layer, pad_top, pad_bottom, relu, weights=None):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
@@ -395,9 +395,9 @@ def _restartable(node):
 def REPLAYED(block, size):
     """Whether branch ``size`` of MultiConvBlock ``block`` is replayed rather than held: the
     maps that make a 12 MP frame's peak (level 2, while conv_l2_d4..d7 hold their input and
-    branches) and cost least to compute again. The 3x3 branch of those 7x7 blocks: held, 180 MB
-    on a 12 MP frame; computed again, 2.5% more work. conv_l2_d1, held from the encoder to
-    conv_l2_d7 otherwise: 180 MB; computed again from the packed input, about 5%."""
+    branches) and cost least to compute again: the 3x3 branch of those 7x7 blocks, and
+    conv_l2_d1, held from the encoder to conv_l2_d7 otherwise (their memory and extra work:
+    benchmarks/README.md, "Inference")."""
     if not block.instance_norm:
         return False
     return block.name == "conv_l2_d1" or (block.name in ("conv_l2_d4", "conv_l2_d5", "conv_l2_d6") and size == 3)
@@ -464,9 +464,8 @@ def _graph_rows(output, packed):
 def _look_ahead(nodes):
     """Set each map's ``ahead``: a map read by several streaming consumers is asked for rows
     up to different ends within one output strip (a 3x3 branch 1 row past the strip, a 9x9
-    one 4), and would compute each request's few missing rows as a convolution of its own
-    (measured: three in four strip convolutions of a frame were 1 to 4 rows, 13% of the
-    time). Asked for rows, a map computes as far as the farthest of its consumers asks."""
+    one 4), and would compute each request's few missing rows as a convolution of its own,
+    most of them 1 to 4 rows, slow for their work. Asked for rows, a map computes as far as the farthest of its consumers asks."""
     far = {}
 
     def ends(node):  # how far past an output strip's end each streaming consumer reads node
