@@ -285,8 +285,8 @@ class Trainer:
         predictions = predict(raw).numpy().astype(np.float32)  # float16 under mixed precision
         pictures = visual_images(predictions, targets, self.args["visual_stretch"])
         for idx, picture in enumerate(pictures):
-            images.write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
-                              picture)
+            name = f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"
+            images.write_jpeg(os.path.join(self.args["results_dir"], name), picture)
         if writer is not None:
             with writer.as_default(step=i):
                 tf.summary.image("visual/prediction_target", np.stack(visual_images(predictions, targets, False)),

@@ -202,7 +202,8 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
         write_png_mosaic(os.path.join(root, "train", "huawei_raw", f"{i}.png"), np.kron(cells[i], np.ones((2, 2))))
     full_targets = {i: ld.load_target(os.path.join(root, "train", "canon", f"{i}.jpg"), 0) for i in range(3)}
     seen = set()
-    for raw, target in collect(data_pipeline.train_dataset(root, 0, batch_size=4, train_size=3, seed=7, verbose=False), 8):
+    pipeline = data_pipeline.train_dataset(root, 0, batch_size=4, train_size=3, seed=7, verbose=False)
+    for raw, target in collect(pipeline, 8):
         for r, t in zip(raw, target):
             matches = [(i, k, f) for i in cells for k, f in TRANSFORMS
                        if np.array_equal(r[..., 2], transform(cells[i] / np.float32(1020), k, f).astype(np.float32))]
@@ -219,7 +220,8 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
 def test_pipeline_equals_the_plan_applied_by_hand(tmp_path):
     root = make_dataset(tmp_path / "d", 5, 1)
     level, patch, batch = 2, 48, 3
-    pipeline = data_pipeline.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2, verbose=False)
+    pipeline = data_pipeline.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2,
+                                           verbose=False)
     plan = data_pipeline.train_plan(list(range(5)), batch, 4, False, patch, level, 11, 2)
     scale = 2.0 ** (1 - level)
     side = int(patch * 0.5)
