@@ -222,8 +222,8 @@ class Trainer:
         if self.needs_vgg and args["vgg_dir"].lower() == "none":
             out(NO_VGG_WARNING.format(level=self.level))
             self.needs_vgg = False
-        if self.needs_vgg and not files.isfile(args["vgg_dir"]):
-            raise UserError(vgg.missing_file_message(args["vgg_dir"]))
+        if self.needs_vgg:
+            vgg.weights_file(args["vgg_dir"])  # missing, or a folder without the file: said before any work
         self.start = resume.find_start(args, log=out)
         for line in departures(args, resumed=self.start.kind == "resume"):
             out(line)
