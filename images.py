@@ -35,6 +35,8 @@ def png_header(path: str, data: bytes = None) -> dict:
         require_file(path)
         with open_file(path, "rb") as handle:
             data = handle.read(33)
+    if not data:
+        raise UserError(f"{path}: the file is empty (0 bytes), expected a PNG mosaic")
     if data[:8] != PNG_SIGNATURE:
         raise UserError(_not_png(path, data[:8]))
     if len(data) < 33 or data[12:16] != b"IHDR":
