@@ -9,6 +9,10 @@ Quad-Bayer, linear DNGs) are refused: PyNET's packing only makes sense for a 2x2
 """
 
 
+import logging
+import math
+import os
+
 import numpy as np
 import rawpy
 
@@ -28,6 +32,61 @@ def _libraw_reason(exc, captured) -> str:
     return "; ".join(part for part in (message or exc.__class__.__name__, detail) if part)
 
 
+# TIFF tags of a DNG's raw image (the DNG specification)
+_CFA, _LINEAR_RAW = 32803, 34892   # PhotometricInterpretation of raw data
+_UNCOMPRESSED = 1                  # Compression
+
+
+def _dng_raw_page(tif):
+    """The IFD of a DNG's main raw image (NewSubFileType 0, colour-filter or linear raw data),
+    in the IFD chain or a SubIFD; None for a file that is not a DNG or has none."""
+    if not tif.is_dng:
+        return None
+    pages = []
+    for page in tif.pages:
+        pages.append(page)
+        pages.extend(getattr(page, "pages", None) or [])  # SubIFDs: cameras put the raw there
+    raws = [p for p in pages if int(p.subfiletype) == 0 and p.photometric in (_CFA, _LINEAR_RAW)]
+    return max(raws, key=lambda p: p.imagewidth * p.imagelength, default=None)
+
+
+def missing_data_reason(path: str):
+    """Why a DNG's raw image data are not (all) in the file, or None: its strips or tiles lie
+    past the file's end or have no bytes, or, uncompressed, hold fewer bytes than its declared
+    width x height x bits need. A metadata tool that strips the pixels keeps the header, and
+    LibRaw then reads zeros without an error. Files that are not DNGs are left to LibRaw."""
+    import tifffile  # here: dng_to_png.py's help does not need it
+
+    log = logging.getLogger("tifffile")  # its notes on odd tags would reach stderr unasked
+    level = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = _dng_raw_page(tif)
+            if page is None:
+                return None
+            size = os.path.getsize(path)
+            width, height = page.imagewidth, page.imagelength
+            extents = list(zip(page.dataoffsets, page.databytecounts))
+            compressed = page.compression != _UNCOMPRESSED
+            row_bytes = math.ceil(width * page.samplesperpixel * page.bitspersample / 8)
+    except Exception:  # a structure tifffile cannot parse (it raises several types): LibRaw says what it reads
+        return None
+    finally:
+        log.setLevel(level)
+    declared = f"declares a {width}x{height} raw image"
+    held = sum(max(0, min(offset + count, size) - offset) for offset, count in extents)
+    if not held:
+        return f"{declared} but holds {size:,} bytes: its image data is missing"
+    if not compressed and held < height * row_bytes:
+        return (f"{declared} of {height * row_bytes:,} bytes but its strips or tiles hold {held:,}: its image "
+                f"data is incomplete (the file is truncated or its data stripped)")
+    if any(count == 0 or offset + count > size for offset, count in extents):
+        return (f"{declared} but part of its data is missing (strips or tiles empty or past the end of the "
+                f"file, {size:,} bytes): the file is truncated or its data stripped")
+    return None
+
+
 def read_dng(path: str, visible: bool = False):
     """Read a raw file with rawpy/LibRaw.
 
@@ -35,6 +94,9 @@ def read_dng(path: str, visible: bool = False):
     color_desc, black_levels (per colour index), white_level, num_colors, pattern_shape).
     """
     files.require_file(path)
+    reason = missing_data_reason(path)
+    if reason:
+        raise UserError(f"{path}: {reason}")
     captured = {}
     try:
         with runtime.c_stderr_captured() as captured:

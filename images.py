@@ -35,6 +35,8 @@ def png_header(path: str, data: bytes = None) -> dict:
         require_file(path)
         with open_file(path, "rb") as handle:
             data = handle.read(33)
+    if not data:
+        raise UserError(f"{path}: the file is empty (0 bytes), expected a PNG mosaic")
     if data[:8] != PNG_SIGNATURE:
         raise UserError(_not_png(path, data[:8]))
     if len(data) < 33 or data[12:16] != b"IHDR":
@@ -146,9 +148,25 @@ def write_jpeg(path: str, image, quality: int = 95) -> None:
     write_file(path, buffer.getvalue())
 
 
+def pillow_header(path: str, what: str, data: bytes = None) -> tuple:
+    """(format, mode, (width, height)) of an image file from its header, through Pillow, without
+    decoding the pixels; ``data``: the file's bytes when the caller has read them, else only the
+    header is read (a dataset check reads headers). What Pillow cannot open is a UserError naming
+    the file and saying why (pillow_reason), ``what`` naming the kind expected."""
+    with open_file(path, "rb") if data is None else io.BytesIO(data) as handle:
+        head = handle.read(1)
+        handle.seek(0)
+        try:
+            with Image.open(handle) as image:
+                return image.format, image.mode, image.size
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+            raise UserError(f"{path}: cannot read the {what} ({pillow_reason(exc, head)})") from None
+
+
 def pillow_reason(exc, data: bytes = None) -> str:
     """Why Pillow could not read a file, in words: an empty file, an image above Pillow's
-    decompression-bomb limit, an unknown format or damaged data (never a Python object's repr)."""
+    decompression-bomb limit, an unknown format or damaged data (never a Python object's repr).
+    ``data``: the file's bytes (or its first), which tell an empty file."""
     if data is not None and not data:
         return "the file is empty (0 bytes)"
     if isinstance(exc, Image.DecompressionBombError):

@@ -92,17 +92,17 @@ def crop_step(level) -> int:
 # ---------------------------------------------------------------------------------------
 # reading one file
 
-def _read(reader, path):
-    """utils' readers, their one-line errors as DataError."""
+def _read(reader, path, *args):
+    """``reader(path, *args)`` (images' readers and checks), its one-line errors as DataError."""
     try:
-        return reader(path)
+        return reader(path, *args)
     except cli.UserError as err:
         raise DataError(str(err)) from None
 
 
 def read_raw_patch(path: str, size=MOSAIC) -> np.ndarray:
     """A ZRR mosaic PNG as a 2-D uint16 array, checked: single channel, 8- or 16-bit container,
-    ``size`` x ``size`` (None: any size), values <= 1023."""
+    ``size`` x ``size`` (None: any size), values <= 1023, not blank (camera.check_not_blank)."""
     raw = _read(images.read_mosaic, path)
     if size is not None and raw.shape != (size, size):
         raise DataError(f"{path}: expected a {size}x{size} mosaic, "
@@ -110,32 +110,24 @@ def read_raw_patch(path: str, size=MOSAIC) -> np.ndarray:
     top = int(raw.max()) if raw.size else 0
     if top > camera.WHITE_LEVEL:
         raise DataError(f"{path}: expected 10-bit values (<= {camera.WHITE_LEVEL}), found a maximum of {top}")
+    _read(lambda p: camera.check_not_blank(raw, p), path)
     return raw
 
 
 def read_target_image(path: str, size=MOSAIC) -> np.ndarray:
     """A DSLR JPEG as a uint8 H x W x 3 array, checked: RGB, ``size`` x ``size`` (None: any size),
     and decoded strictly: corrupt data is an error, not a warning (images.read_jpeg)."""
-    import io
-
-    from PIL import Image
-
     if not files.isfile(path):
         raise DataError(f"{path}: file not found")
     data = files.read_bytes(path)  # read once: Pillow checks the header, simplejpeg decodes
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # the header only
-            fmt, mode, image_size = image.format, image.mode, image.size
-    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
-        reason = str(exc) or exc.__class__.__name__
-        raise DataError(f"{path}: cannot decode the JPEG ({reason}): the file is corrupt or truncated") from None
+    fmt, mode, image_size = _read(images.pillow_header, path, "JPEG", data)
     if fmt != "JPEG":
         raise DataError(f"{path}: expected a JPEG file, found {fmt or 'an unknown format'}")
     if mode != "RGB":
         raise DataError(f"{path}: expected an RGB JPEG, found mode {mode}")
     if size is not None and image_size != (size, size):
         raise DataError(f"{path}: expected a {size}x{size} image, found {image_size[0]}x{image_size[1]}")
-    return _read(lambda p: images.read_jpeg(p, data), path)
+    return _read(images.read_jpeg, path, data)
 
 
 def load_target(path, level, patch_mosaic=MOSAIC) -> np.ndarray:
@@ -231,12 +223,27 @@ def _require_folder(path: str, what: str) -> None:
 
 
 def _indexed_files(folder: str, pattern) -> dict:
+    """{index: name} of the patch files in ``folder``; names with leading zeros (07.png) are not
+    ZRR's (see _misnamed_files) and left out, so that no index stands for two names."""
     found = {}
     for name in files.listdir(folder):
         match = pattern.match(name)
-        if match:
+        if match and match.group(1) == str(int(match.group(1))):
             found[int(match.group(1))] = name
     return found
+
+
+def _misnamed_files(folder: str, pattern) -> list:
+    """A one-line error for each patch file named with leading zeros: every reader builds a
+    patch's path from its index (patch_paths), which would name another file (7.png for 07.png)."""
+    problems = []
+    for name in sorted(files.listdir(folder)):
+        match = pattern.match(name)
+        if match and match.group(1) != str(int(match.group(1))):
+            expected = f"{int(match.group(1))}{os.path.splitext(name)[1]}"
+            problems.append(f"{os.path.join(folder, name)}: not a ZRR patch name (ZRR names them 0.png, 1.png, ... "
+                            f"without leading zeros): rename it {expected}")
+    return problems
 
 
 def num_patches(dataset_dir, split) -> int:
@@ -257,16 +264,10 @@ def _tail(path: str, count: int) -> bytes:
 def check_files_quick(raw_path: str, target_path: str) -> None:
     """Cheap per-pair check (headers and file ends, no decoding): format, mode, 448x448,
     and truncation. The full decode (corrupt data, values > 1023) happens when a file is read."""
-    from PIL import Image
-
     for path, kind in ((raw_path, "PNG"), (target_path, "JPEG")):
         if not files.isfile(path):
             raise DataError(f"{path}: file not found")
-        try:
-            with files.open_file(path, "rb") as handle, Image.open(handle) as image:
-                fmt, mode, size = image.format, image.mode, image.size
-        except Exception as exc:
-            raise DataError(f"{path}: not a readable {kind} ({str(exc) or exc.__class__.__name__})") from None
+        fmt, mode, size = _read(images.pillow_header, path, kind)
         if fmt != kind:
             raise DataError(f"{path}: expected a {kind} file, found {fmt}")
         if kind == "PNG" and mode not in ("L", "I;16", "I;16B", "I;16L"):
@@ -305,7 +306,8 @@ def check_dataset(dataset_dir, split, skip_bad=False, deep=False, verbose=True) 
     _require_folder(raw_folder, "folder of RAW mosaics (huawei_raw)")
     _require_folder(target_folder, "folder of DSLR targets (canon)")
     raws, targets = _indexed_files(raw_folder, _RAW_NAME), _indexed_files(target_folder, _TARGET_NAME)
-    if not raws and not targets:
+    misnamed = _misnamed_files(raw_folder, _RAW_NAME) + _misnamed_files(target_folder, _TARGET_NAME)
+    if not raws and not targets and not misnamed:
         raise DataError(f"{folder}: no patches found (expected {RAW_FOLDER}/0.png, {TARGET_FOLDER}/0.jpg, ...)")
 
     bad = []
@@ -316,6 +318,9 @@ def check_dataset(dataset_dir, split, skip_bad=False, deep=False, verbose=True) 
         bad.append(message)
         if verbose:
             warn(f"skipping: {message}")
+
+    for message in misnamed:
+        reject(message)
 
     if len(raws) != len(targets) or raws.keys() != targets.keys():
         only_raw, only_target = sorted(raws.keys() - targets.keys()), sorted(targets.keys() - raws.keys())

@@ -11,6 +11,7 @@ CC0, see PHOTO_CREDITS); ``photos_dir=`` takes a folder of your own JPEG/PNG pho
 """
 
 import datetime
+import io
 import os
 import shutil
 import sys
@@ -60,11 +61,12 @@ def load_photos(photos_dir):
         path = os.path.join(photos_dir, name)
         if os.path.splitext(name)[1].lower() not in PHOTO_EXTENSIONS or not os.path.isfile(path):
             continue
+        data = files.read_bytes(path)
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 photo = np.asarray(image.convert("RGB"))
-        except Exception as exc:
-            raise cli.UserError(f"{path}: cannot read the photo ({str(exc) or exc.__class__.__name__})") from None
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+            raise cli.UserError(f"{path}: cannot read the photo ({images.pillow_reason(exc, data)})") from None
         if min(photo.shape[:2]) < 16:
             raise cli.UserError(f"{path}: photo too small ({photo.shape[1]}x{photo.shape[0]})")
         photos.append((os.path.splitext(name)[0], photo, f"user photo {path}"))

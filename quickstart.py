@@ -31,6 +31,7 @@ import process
 import runtime
 import test_model
 import utils
+import vgg
 from cli import Arg
 
 # The quick start's own schedule, not the paper's (README, "The real thing", step 4): He-normal
@@ -130,11 +131,12 @@ def training_vgg(params, out=print) -> str:
     warning) when the file is absent."""
     if params["loss"] != "reference":
         return "none"
-    if not os.path.isfile(params["vgg_dir"]):
+    try:
+        return vgg.weights_file(params["vgg_dir"])  # a folder holding the file counts as the file
+    except cli.UserError:
         out(f"WARNING: {params['vgg_dir']} is absent, so levels 3 to 0 train WITHOUT the VGG-19 content loss "
             f"(vgg_dir=none), unlike the reference. See README, 'The real thing', for the file.")
         return "none"
-    return params["vgg_dir"]
 
 
 def sample_dataset_argv(params) -> list:

@@ -194,8 +194,8 @@ def render_files(to_picture, paths, args, iteration, failed=None) -> list:
                 bar.update(1)
         except KeyboardInterrupt as stop:
             done = f"finished {len(written)} of {len(paths)}" + (f": {', '.join(written)}" if written else "")
-            raise cli.Interrupted(f"stopped by {stop.args[0] if stop.args else 'SIGINT'} ({done}); the picture under way "
-                                  f"was not written") from None
+            signal_name = stop.args[0] if stop.args else "SIGINT"
+            raise cli.Interrupted(f"stopped by {signal_name} ({done}); the picture under way was not written") from None
     return written
 
 

@@ -222,8 +222,8 @@ class Trainer:
         if self.needs_vgg and args["vgg_dir"].lower() == "none":
             out(NO_VGG_WARNING.format(level=self.level))
             self.needs_vgg = False
-        if self.needs_vgg and not files.isfile(args["vgg_dir"]):
-            raise UserError(vgg.missing_file_message(args["vgg_dir"]))
+        if self.needs_vgg:
+            vgg.weights_file(args["vgg_dir"])  # missing, or a folder without the file: said before any work
         self.start = resume.find_start(args, log=out)
         for line in departures(args, resumed=self.start.kind == "resume"):
             out(line)
@@ -285,8 +285,8 @@ class Trainer:
         predictions = predict(raw).numpy().astype(np.float32)  # float16 under mixed precision
         pictures = visual_images(predictions, targets, self.args["visual_stretch"])
         for idx, picture in enumerate(pictures):
-            images.write_jpeg(os.path.join(self.args["results_dir"], f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"),
-                              picture)
+            name = f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"
+            images.write_jpeg(os.path.join(self.args["results_dir"], name), picture)
         if writer is not None:
             with writer.as_default(step=i):
                 tf.summary.image("visual/prediction_target", np.stack(visual_images(predictions, targets, False)),

@@ -53,6 +53,24 @@ KERAS_CONV_LAYERS = tuple(f"block{b}_conv{c}" for b, n in ((1, 2), (2, 2), (3, 4
                           for c in range(1, n + 1))
 
 
+# The weights files vgg_dir= may name, or hold when it is a folder: MatConvNet's, then Keras'.
+WEIGHT_FILES = (os.path.basename(DEFAULT_VGG_PATH), "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5")
+
+
+def weights_file(path: str) -> str:
+    """The weights file that ``vgg_dir=path`` names: ``path`` itself, or for a folder the
+    MatConvNet or Keras file in it; a UserError saying what is missing otherwise."""
+    if os.path.isdir(path):
+        for name in WEIGHT_FILES:
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise UserError(f"vgg_dir={path}: a folder without the VGG-19 weights ({' or '.join(WEIGHT_FILES)}); "
+                        f"put the file there or give the file: vgg_dir={os.path.join(path, WEIGHT_FILES[0])}")
+    if not os.path.isfile(path):
+        raise UserError(missing_file_message(path))
+    return path
+
+
 def missing_file_message(path: str) -> str:
     return (f"{path}: VGG-19 weights not found; levels 3, 2, 1 and 0 need them for the content loss. "
             f"Download imagenet-vgg-verydeep-19.mat ({VGG_URL}) and put it there, pass vgg_dir=PATH, "
@@ -151,7 +169,9 @@ def _check_shapes(path, name, index, kernels, bias):
 
 
 def load_weights(path: str):
-    """The 16 (kernel, bias) pairs from a MatConvNet ``.mat`` or a Keras ``.h5`` file."""
+    """The 16 (kernel, bias) pairs from a MatConvNet ``.mat`` or a Keras ``.h5`` file, or from
+    the one of them in the folder ``path`` (weights_file)."""
+    path = weights_file(path)
     if path.lower().endswith((".h5", ".hdf5")):
         return load_keras_h5(path)
     return load_matconvnet(path)

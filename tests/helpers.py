@@ -127,6 +127,33 @@ def np_vgg_relu5_4(images01, weights, bgr=False):
 
 
 # ---------------------------------------------------------------------------------------
+# mosaics of a natural picture, as PNG files written independently of the code under test
+
+def natural_mosaic(height, width):
+    """A 10-bit RGGB mosaic of scikit-image's astronaut photograph (at most 512 x 512): the
+    detail and noise of a real picture, not a synthetic pattern."""
+    import skimage.data
+
+    photo = skimage.data.astronaut()[:height, :width].astype(np.uint16)
+    mosaic = np.empty((height, width), np.uint16)
+    for row, column, channel in ((0, 0, 0), (0, 1, 1), (1, 0, 1), (1, 1, 2)):  # RGGB, written out here
+        mosaic[row::2, column::2] = photo[row::2, column::2, channel]
+    return mosaic * 4
+
+
+def write_png_mosaic(path, mosaic, bitdepth=16):
+    """A single-channel PNG written with pypng (not the project's encoder)."""
+    import png  # pypng
+
+    mosaic = np.asarray(mosaic)
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
+    with open(path, "wb") as handle:
+        png.Writer(mosaic.shape[1], mosaic.shape[0], greyscale=True, bitdepth=bitdepth).write(
+            handle, mosaic.astype(np.uint16 if bitdepth == 16 else np.uint8).tolist())
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------
 # DNG files as cameras write them
 
 CFA_CODES = {"R": 0, "G": 1, "B": 2}

@@ -5,6 +5,7 @@ the mosaic that was written into the DNG, cropped/normalised here with plain Num
 """
 
 import os
+import struct
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import rawpy
 
 import cli
 import dng_to_png
-from helpers import ROOT, write_dng
+from helpers import ROOT, natural_mosaic, write_dng
 
 
 def read_png(path):
@@ -158,10 +159,95 @@ def test_bad_input_is_one_line_and_leaves_existing_output_alone(tmp_path):
     assert helped.returncode == 0 and "normalize" in helped.stdout and "[false]" in helped.stdout
 
 
-def test_truncated_dng_is_refused(tmp_path):
-    good = write_dng(tmp_path / "g.dng", np.zeros((64, 96), np.uint16))
-    data = open(good, "rb").read()
-    (tmp_path / "t.dng").write_bytes(data[: len(data) // 3])
+def test_a_dng_cut_inside_its_header_is_refused(tmp_path):
+    good = write_dng(tmp_path / "g.dng", natural_mosaic(64, 96))
+    (tmp_path / "t.dng").write_bytes(open(good, "rb").read()[:200])   # within IFD0's entries
     with pytest.raises(cli.UserError, match="cannot read it as a raw DNG") as error:
         dng_to_png.convert(str(tmp_path / "t.dng"), log=lambda line: None)
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------
+# raw files whose image data are missing: a metadata tool strips the pixels and keeps the header
+
+COMPRESSION, TILE_OFFSETS, TILE_BYTE_COUNTS = 259, 324, 325   # TIFF tags pidng writes in IFD0
+
+
+def ifd0_entry(data, tag):
+    """(position of the value, struct format) of a one-value tag of a little-endian TIFF's IFD0."""
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        code, kind, count = struct.unpack_from("<HHI", data, ifd + 2 + 12 * i)
+        if code == tag:
+            assert count == 1 and kind in (3, 4)
+            return ifd + 2 + 12 * i + 8, "<H" if kind == 3 else "<I"
+    raise KeyError(tag)
+
+
+def ifd0_value(data, tag):
+    position, fmt = ifd0_entry(data, tag)
+    return struct.unpack_from(fmt, data, position)[0]
+
+
+def with_tag(data, tag, value):
+    data = bytearray(data)
+    position, fmt = ifd0_entry(data, tag)
+    struct.pack_into(fmt, data, position, value)
+    return bytes(data)
+
+
+def stripped_variants(tmp_path):
+    """{name: (file, what the error says)}: the same DNG of a photograph with its pixels cut off,
+    its byte count rewritten, cut half-way (also when declared compressed), or zeroed."""
+    data = open(write_dng(tmp_path / "photo.dng", natural_mosaic(128, 192)), "rb").read()
+    offset, count = ifd0_value(data, TILE_OFFSETS), ifd0_value(data, TILE_BYTE_COUNTS)
+    assert count == 128 * 192 * 10 // 8 and offset + count == len(data)  # packed 10-bit samples, last in the file
+    half = offset + count // 2
+    variants = {
+        "cut": (data[:offset], f"declares a 192x128 raw image but holds {offset:,} bytes: its image data is missing"),
+        "no byte count": (with_tag(data, TILE_BYTE_COUNTS, 0),
+                          f"declares a 192x128 raw image but holds {len(data):,} bytes: its image data is missing"),
+        "cut half-way": (data[:half], f"declares a 192x128 raw image of {count:,} bytes but its strips or tiles hold "
+                                      f"{count // 2:,}: its image data is incomplete"),
+        "compressed, cut half-way": (with_tag(data, COMPRESSION, 7)[:half],
+                                     f"declares a 192x128 raw image but part of its data is missing (strips or "
+                                     f"tiles empty or past the end of the file, {half:,} bytes)"),
+        "zeroed": (data[:offset] + bytes(count), "the mosaic is constant at value 0: no image data"),
+    }
+    paths = {}
+    for name, (content, message) in variants.items():
+        path = tmp_path / f"{name.replace(' ', '_').replace(',', '')}.dng"
+        path.write_bytes(content)
+        paths[name] = (str(path), message)
+    return paths
+
+
+def test_a_dng_whose_image_data_are_missing_is_refused_and_nothing_written(tmp_path, capsys):
+    for name, (path, message) in stripped_variants(tmp_path).items():
+        for extra in ([], ["normalize=true", "rggb=true"]):
+            assert cli.run(dng_to_png.main, [path, *extra]) == 1, name
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {message}"), (name, lines)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in tmp_path.glob("*.dng"))  # no PNG
+    # the script itself: exit status 1, one line, nothing written
+    (tmp_path / "script").mkdir()
+    cut = stripped_variants(tmp_path / "script")["cut"][0]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dng_to_png.py"), cut], capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "its image data is missing" in result.stderr
+    assert not any(p.suffix == ".png" for p in (tmp_path / "script").iterdir())
+
+
+def test_a_mosaic_too_small_to_crop_names_its_file(tmp_path, capsys):
+    (tmp_path / "shots").mkdir()
+    small = write_dng(tmp_path / "shots" / "small.dng", natural_mosaic(24, 24))
+    write_dng(tmp_path / "shots" / "large.dng", natural_mosaic(64, 64))
+    message = f"{small}: the mosaic (24x24) is smaller than 32x32, too small to cut to multiples of 32"
+    assert cli.run(dng_to_png.main, [small, "crop32=true"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert cli.run(dng_to_png.main, [str(tmp_path / "shots"), "crop32=true"]) == 1   # a folder: the others go on
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"warning: {message}" in err
+    assert err[-1].startswith(f"error: 1 of 2 files could not be converted (first: {small}")
+    assert sorted(os.listdir(tmp_path / "shots")) == ["large.dng", "large.png", "small.dng"]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import png  # pypng: writes the test PNGs independently of Pillow/imageio
 import pytest
 from PIL import Image
 
@@ -17,20 +16,13 @@ import camera
 import cli
 import data_pipeline
 import load_dataset as ld
+from helpers import write_png_mosaic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------
 # helpers: datasets with known contents
-
-def write_png_mosaic(path, mosaic, bitdepth=16):
-    mosaic = np.asarray(mosaic)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        png.Writer(mosaic.shape[1], mosaic.shape[0], greyscale=True, bitdepth=bitdepth).write(
-            handle, mosaic.astype(np.uint16 if bitdepth == 16 else np.uint8).tolist())
-
 
 def write_jpeg(path, image, quality=95):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -50,10 +42,17 @@ def make_dataset(root, n_train=6, n_test=3, seed=0, mosaic_fn=None, target_fn=No
 
 
 def uniform_dataset(root, n_train=8):
-    """Patch i is uniform: mosaic value 100 + 10 i, target grey 20 i, so a sample names its index."""
-    return make_dataset(root, n_train, 2,
-                        mosaic_fn=lambda s, i: np.full((448, 448), 100 + 10 * i),
-                        target_fn=lambda s, i: np.full((448, 448, 3), 20 * i))
+    """Patch i names its index: its blue sites hold 100 + 10 i (the packed channel 0, whatever
+    the rotation or flip), its target is grey 20 i. The other sites are noise, as a blank mosaic
+    is refused (camera.check_not_blank)."""
+    rng = np.random.default_rng(1)
+
+    def mosaic(split, i):
+        values = rng.integers(0, 1024, (448, 448))
+        values[1::2, 1::2] = 100 + 10 * i
+        return values
+
+    return make_dataset(root, n_train, 2, mosaic_fn=mosaic, target_fn=lambda s, i: np.full((448, 448, 3), 20 * i))
 
 
 def index_of(raw_sample):
@@ -202,7 +201,8 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
         write_png_mosaic(os.path.join(root, "train", "huawei_raw", f"{i}.png"), np.kron(cells[i], np.ones((2, 2))))
     full_targets = {i: ld.load_target(os.path.join(root, "train", "canon", f"{i}.jpg"), 0) for i in range(3)}
     seen = set()
-    for raw, target in collect(data_pipeline.train_dataset(root, 0, batch_size=4, train_size=3, seed=7, verbose=False), 8):
+    pipeline = data_pipeline.train_dataset(root, 0, batch_size=4, train_size=3, seed=7, verbose=False)
+    for raw, target in collect(pipeline, 8):
         for r, t in zip(raw, target):
             matches = [(i, k, f) for i in cells for k, f in TRANSFORMS
                        if np.array_equal(r[..., 2], transform(cells[i] / np.float32(1020), k, f).astype(np.float32))]
@@ -219,7 +219,8 @@ def test_augmentation_applies_one_transform_to_raw_and_target(tmp_path):
 def test_pipeline_equals_the_plan_applied_by_hand(tmp_path):
     root = make_dataset(tmp_path / "d", 5, 1)
     level, patch, batch = 2, 48, 3
-    pipeline = data_pipeline.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2, verbose=False)
+    pipeline = data_pipeline.train_dataset(root, level, batch, train_size=4, patch=patch, seed=11, refresh_every=2,
+                                           verbose=False)
     plan = data_pipeline.train_plan(list(range(5)), batch, 4, False, patch, level, 11, 2)
     scale = 2.0 ** (1 - level)
     side = int(patch * 0.5)
@@ -500,3 +501,80 @@ def test_checker_command_line(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     assert "test/huawei_raw/0.png" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# what a dataset check says of a blank mosaic, a misnamed patch, an empty or oversized file
+
+def run_checker(root, capsys, *args):
+    code = cli.run(ld.main, [f"dataset_dir={root}", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("share", [1.0, 0.995])
+def test_a_blank_mosaic_is_refused_naming_it(tmp_path, capsys, share):
+    """A raw file whose pixels a tool stripped reads as one value; so does a blank frame."""
+    root = make_dataset(tmp_path / "d", 2, 1)
+    rng = np.random.default_rng(5)
+    mosaic = np.full(448 * 448, 64)
+    noisy = rng.choice(mosaic.size, round(mosaic.size * (1 - share)), replace=False)
+    mosaic[noisy] = rng.integers(65, 1024, noisy.size)
+    write_png_mosaic(os.path.join(root, "train/huawei_raw/1.png"), mosaic.reshape(448, 448))
+    code, lines = run_checker(root, capsys)
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith(f"error: {os.path.join(root, 'train/huawei_raw/1.png')}: the mosaic is ")
+    assert "at value 64: no image data" in lines[0]
+    assert ("constant" if share == 1 else "nearly constant (99.5% of its pixels)") in lines[0]
+    with pytest.raises(ld.DataError, match="no image data"):
+        ld.read_raw_patch(os.path.join(root, "train/huawei_raw/1.png"))
+    # a dark photo is no blank frame: most of it at the black level is still a picture
+    mosaic = np.full((448, 448), 64)
+    mosaic[:20] = rng.integers(64, 1024, (20, 448))
+    write_png_mosaic(os.path.join(root, "train/huawei_raw/1.png"), mosaic)
+    assert run_checker(root, capsys)[0] == 0
+
+
+def test_patch_names_with_leading_zeros_are_named_as_they_are(tmp_path, capsys):
+    """ZRR names its patches 0.png, 1.png, ...: 07.png was reported as a missing 7.png."""
+    root = make_dataset(tmp_path / "d", 2, 1)
+    for folder, ext in (("huawei_raw", "png"), ("canon", "jpg")):
+        os.rename(os.path.join(root, "train", folder, f"1.{ext}"), os.path.join(root, "train", folder, f"07.{ext}"))
+    code, lines = run_checker(root, capsys, "split=train")
+    assert code == 1 and len(lines) == 1
+    assert lines[0] == (f"error: {os.path.join(root, 'train', 'huawei_raw', '07.png')}: not a ZRR patch name (ZRR "
+                        f"names them 0.png, 1.png, ... without leading zeros): rename it 7.png")
+    assert ld.check_dataset(root, "train", skip_bad=True) == [0]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 2 and "huawei_raw/07.png" in warnings[0] and "canon/07.jpg: " in warnings[1]
+    assert "rename it 7.jpg" in warnings[1]
+
+
+@pytest.mark.parametrize("deep", ["true", "false"])
+def test_an_empty_mosaic_or_target_says_the_file_is_empty(tmp_path, capsys, deep):
+    root = make_dataset(tmp_path / "d", 2, 1)
+    for relative in ("train/huawei_raw/1.png", "train/canon/1.jpg"):
+        name = os.path.join(root, relative)
+        saved = open(name, "rb").read()
+        open(name, "wb").close()
+        code, lines = run_checker(root, capsys, "split=train", f"deep={deep}")
+        assert code == 1 and len(lines) == 1, lines
+        assert lines[0].startswith(f"error: {name}: ") and "the file is empty (0 bytes)" in lines[0]
+        assert "BytesIO" not in lines[0] and "cannot identify" not in lines[0]
+        open(name, "wb").write(saved)
+    empty = os.path.join(root, "train/canon/1.jpg")
+    open(empty, "wb").close()
+    with pytest.raises(ld.DataError, match=r"1\.jpg: cannot read the JPEG \(the file is empty \(0 bytes\)\)"):
+        ld.read_target_image(empty)   # as the training stream reads a target
+
+
+def test_a_decompression_bomb_is_called_too_large(tmp_path, capsys, monkeypatch):
+    """Pillow refuses images above 2 x MAX_IMAGE_PIXELS: here lowered so that a real 448x448
+    mosaic is such an image."""
+    from PIL import Image
+
+    root = make_dataset(tmp_path / "d", 2, 1)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 448 * 448 // 4)
+    code, lines = run_checker(root, capsys, "split=train", "deep=false")
+    assert code == 1 and len(lines) == 1
+    assert lines[0].startswith(f"error: {os.path.join(root, 'train/huawei_raw/0.png')}: cannot read the PNG (")
+    assert "too large to decode safely" in lines[0] and "corrupt" not in lines[0]

@@ -1,5 +1,7 @@
 """vgg.py: the MatConvNet and Keras weight files, and the features against NumPy."""
 
+import os
+
 import numpy as np
 import pytest
 import scipy.io
@@ -149,3 +151,35 @@ def test_keras_h5_matches_keras_vgg19(fake_h5):
     want = np.asarray(features(caffe))
     got = vgg.load_vgg(fake_h5)(images).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_folder_holding_the_weights_file_stands_for_it(fake_mat, fake_h5, fake_weights):
+    """vgg_dir= is a folder's name: given the folder of the file, the file inside is read."""
+    import quickstart
+
+    folder = os.path.dirname(fake_mat)
+    assert vgg.weights_file(folder) == fake_mat
+    for (kernel, bias), (kernel_ref, bias_ref) in zip(vgg.load_weights(folder), fake_weights):
+        np.testing.assert_array_equal(kernel, kernel_ref)
+        np.testing.assert_array_equal(bias, bias_ref)
+    assert vgg.weights_file(os.path.dirname(fake_h5)) == fake_h5            # Keras' file
+    assert quickstart.training_vgg({"loss": "reference", "vgg_dir": folder}, out=print) == fake_mat
+
+
+def test_a_folder_without_the_weights_file_says_which_file_to_give(tmp_path, capsys):
+    import cli
+    import train_model
+
+    folder = tmp_path / "vgg_pretrained"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not the weights")
+    expected = (f"vgg_dir={folder}: a folder without the VGG-19 weights (imagenet-vgg-verydeep-19.mat or "
+                f"vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5); put the file there or give the file: "
+                f"vgg_dir={folder / 'imagenet-vgg-verydeep-19.mat'}")
+    with pytest.raises(UserError) as error:
+        vgg.load_vgg(str(folder))
+    assert str(error.value) == expected
+    # train_model.py says it before any other work (the dataset is not even looked at)
+    code = cli.run(train_model.main, ["level=3", f"vgg_dir={folder}", f"models_dir={tmp_path / 'models'}",
+                                      f"results_dir={tmp_path / 'results'}", f"dataset_dir={tmp_path / 'absent'}"])
+    assert code == 1 and capsys.readouterr().err.strip().splitlines()[-1] == f"error: {expected}"
