@@ -465,7 +465,8 @@ def _look_ahead(nodes):
     """Set each map's ``ahead``: a map read by several streaming consumers is asked for rows
     up to different ends within one output strip (a 3x3 branch 1 row past the strip, a 9x9
     one 4), and would compute each request's few missing rows as a convolution of its own,
-    most of them 1 to 4 rows, slow for their work. Asked for rows, a map computes as far as the farthest of its consumers asks."""
+    most of them 1 to 4 rows, slow for their work. Asked for rows, a map computes as far as
+    the farthest of its consumers asks."""
     far = {}
 
     def ends(node):  # how far past an output strip's end each streaming consumer reads node

@@ -189,8 +189,9 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
     last = checkpoints.get_last_iter(5, str(tmp_path / "w0"))
     assert last is not None and last >= 1
     assert last in resume.resumable_iterations(str(tmp_path / "w0"), 5)
+    saved = checkpoints.checkpoint_prefix(str(tmp_path / "w0"), 5, last)
     assert last_line(err0) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; saved "
-                               f"{checkpoints.checkpoint_prefix(str(tmp_path / 'w0'), 5, last)}: continue with resume=true")
+                               f"{saved}: continue with resume=true")
     assert last_line(err1) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; the chief "
                                f"(worker 0) saved iteration {last} in its models_dir: continue with resume=true")
     assert not (tmp_path / "w1").exists() and not (tmp_path / "r1").exists()

@@ -30,7 +30,7 @@ import make_sample_dataset
 import test_model
 import train_model
 import trainer
-from helpers import write_dng
+from helpers import natural_mosaic, write_dng
 
 DATA = ".data-00000-of-00001"
 
@@ -246,9 +246,10 @@ def _(tmp, models):
     return [f"input={tmp / 't.png'}"]
 
 
-@render_case("a 12-bit mosaic", 1, r"b\.png: values up to 4095 exceed the 10-bit range .*range_check=false")
+@render_case("a 12-bit mosaic", 1, rf"b\.png: values up to {int((natural_mosaic(64, 64) * 4 + 3).max())} exceed the "
+                                   r"10-bit range .*range_check=false")
 def _(tmp, models):
-    return [f"input={write_mosaic(tmp / 'b.png', np.full((64, 64), 4095))}"]
+    return [f"input={write_mosaic(tmp / 'b.png', natural_mosaic(64, 64) * 4 + 3)}"]
 
 
 @render_case("a folder with only a killed writer's temporary", 1, r"in: no PNG mosaics found")
@@ -308,7 +309,7 @@ def _(tmp, models):
 @pytest.mark.parametrize("name", sorted(RENDER_CASES))
 def test_render_refuses(name, trained, tmp_path, capsys):
     models = link_tree(trained, tmp_path / "models")
-    good = write_mosaic(tmp_path / "good.png", np.full((64, 64), 300))
+    good = write_mosaic(tmp_path / "good.png", natural_mosaic(64, 64))
     setup, want_code, pattern = RENDER_CASES[name]
     extra = setup(tmp_path, models)
     argv = ["level=5", f"models_dir={models}", f"input={good}", f"output_dir={tmp_path / 'out'}"]
@@ -325,9 +326,9 @@ def test_render_goes_on_after_a_bad_mosaic_and_reports_all(trained, tmp_path, ca
     """As dng_to_png.py: every mosaic of a folder is tried, each bad one a warning, then one error."""
     folder = tmp_path / "in"
     write_mosaic(folder / "a_odd.png", np.random.default_rng(0).integers(0, 1024, (65, 97)))
-    write_mosaic(folder / "b_12bit.png", np.full((64, 64), 4000))
+    write_mosaic(folder / "b_12bit.png", natural_mosaic(64, 64) * 4 + 3)
     (folder / "c_text.png").write_text("not an image")
-    write_mosaic(folder / "d_good.png", np.full((64, 64), 500))
+    write_mosaic(folder / "d_good.png", natural_mosaic(64, 64))
     write_mosaic(folder / f".d_good.tmp{dead_pid()}.png", np.ones((64, 64)))  # a killed writer's temporary
     out = tmp_path / "out"
     out.mkdir()
@@ -342,8 +343,9 @@ def test_render_goes_on_after_a_bad_mosaic_and_reports_all(trained, tmp_path, ca
     assert lines[-1] == f"error: 2 of 4 mosaics could not be rendered (first: {folder / 'b_12bit.png'}; see the " \
                         f"warnings above)"
     warnings = [line for line in lines if line.startswith("warning: ")]
-    assert len(warnings) == 2 and "c_text.png: not a PNG file" in warnings[0] and "b_12bit.png: values up to 4000" \
-        in warnings[1]
+    top = int((natural_mosaic(64, 64) * 4 + 3).max())
+    assert len(warnings) == 2 and "c_text.png: not a PNG file" in warnings[0]
+    assert f"b_12bit.png: values up to {top}" in warnings[1]
     assert f"note: {folder / 'a_odd.png'}: 97x65 mosaic: its last row and last column are dropped" in captured.out
     assert sorted(os.listdir(out)) == sorted([alive.name, "a_odd_level_5_iteration_3.png",
                                               "d_good_level_5_iteration_3.png"])
@@ -357,7 +359,7 @@ def test_render_goes_on_after_a_bad_mosaic_and_reports_all(trained, tmp_path, ca
 
 
 def test_render_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmpfs, tmp_path, capsys):
-    good = write_mosaic(tmp_path / "good.png", np.full((64, 64), 300))
+    good = write_mosaic(tmp_path / "good.png", natural_mosaic(64, 64))
     fill(tmpfs)
     before = snapshot(tmpfs)
     code, lines = run_main(test_model.main, ["level=5", f"models_dir={trained}", f"input={good}",
