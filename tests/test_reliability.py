@@ -607,9 +607,10 @@ def test_damaged_checkpoints_are_named_at_handover_and_resume(model, trained, sa
 
 @pytest.mark.slow
 def test_a_run_gone_non_finite_writes_nothing_and_names_no_bad_checkpoint(model, sample_dataset, tmp_path):
-    """learning_rate=inf: the first update makes every weight NaN while the step-0 training loss
-    is still finite; the step-0 evaluation must stop the run before its checkpoint."""
-    args = train_args(sample_dataset, tmp_path, learning_rate="inf", num_train_iters=4, eval_step=2)
+    """learning_rate=1e35 (inf is an argument error): the first update makes the weights
+    overflow while the step-0 training loss is still finite; the step-0 evaluation must stop the
+    run before its checkpoint."""
+    args = train_args(sample_dataset, tmp_path, learning_rate="1e35", num_train_iters=4, eval_step=2)
     text = trainer_error(args, model)
     assert re.fullmatch(r"the test loss became (nan|inf) at iteration 0 of level 5: stopping without saving \(no "
                         r"checkpoint was written\); try a lower learning_rate", text), text
