@@ -337,11 +337,12 @@ def load_weights(model, prefix: str) -> None:
         load_checkpoint(model, prefix)
 
 
-def load_model(level: int, prefix: str):
-    """A PyNET built for ``level`` with the weights of checkpoint ``prefix``."""
+def load_model(level: int, prefix: str, precision: str = "fp32"):
+    """A PyNET built for ``level``, computing in ``precision``, with the weights of checkpoint
+    ``prefix`` (float32 in every precision)."""
     from model import PyNET  # here: the model starts TensorFlow (see the module's docstring)
 
-    model = PyNET(level=level)
+    model = PyNET(level=level, precision=precision)
     load_weights(model, prefix)
     return model
 

@@ -162,7 +162,7 @@ class Arg:
 
     def describe_default(self) -> str:
         if callable(self.default):
-            return getattr(self.default, "__doc__", None) or "depends on other arguments"
+            return " ".join((getattr(self.default, "__doc__", None) or "depends on other arguments").split())
         return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
 
     def convert(self, text: str):

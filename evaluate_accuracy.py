@@ -48,6 +48,8 @@ ARGS = [
     Arg("csv", str, "", "also write one line per patch to this CSV file"),
     Arg("use_gpu", cli.BOOL, True, "run on the GPU when there is one"),
     Arg("models_dir", str, "models/", "folder of the trained checkpoints"),
+    utils.precision_arg(),
+    utils.force_bf16_arg(),
     Arg("black_level", float, camera.BLACK_LEVEL, "model=baseline: the sensor's black level, in code values",
         check=lambda v: None if 0 <= v < camera.WHITE_LEVEL else
         f"a value from 0 to below {camera.WHITE_LEVEL} (the sensor's code values)"),
@@ -142,9 +144,9 @@ def parse_arguments(argv) -> dict:
     if args["model"] == "baseline":
         if args["level"] != 0:
             raise UsageError(f"model=baseline renders level 0 (full resolution) only, not level={args['level']}")
-        for key, default in (("restore_iter", None), ("models_dir", "models/")):
+        for key, default in (("restore_iter", None), ("models_dir", "models/"), ("precision", "fp32")):
             if args[key] != default:
-                raise UsageError(f"{key}={cli.shown(str(args[key]))}: names a checkpoint, which model=baseline "
+                raise UsageError(f"{key}={cli.shown(str(args[key]))}: applies to the network, which model=baseline "
                                  f"does not use")
     elif args["black_level"] != camera.BLACK_LEVEL:
         raise UsageError(f"black_level={args['black_level']:g}: applies to model=baseline only (the network "
@@ -167,8 +169,9 @@ def predictor(args):
 
     prefix = checkpoints.resolve(args)[0]
     runtime.configure_devices(args["use_gpu"])
-    model = checkpoints.load_model(args["level"], prefix)
-    print(f"model: {prefix}, level {args['level']}")
+    runtime.check_precision(args["precision"], args["force_bf16"])
+    model = checkpoints.load_model(args["level"], prefix, args["precision"])
+    print(f"model: {prefix}, level {args['level']}, precision {args['precision']}")
     return level_function(model, args["level"])
 
 

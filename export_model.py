@@ -2,6 +2,7 @@
 
     python export_model.py level=0 orig=true format=saved_model output=exported/pynet_level_0
     python export_model.py level=0 orig=true format=tflite size=1024x1024 precision=fp16
+    python export_model.py level=0 orig=true precision=bf16       # a SavedModel computing in bfloat16
     python export_model.py level=1 restore_iter=35000 format=tflite quantize=dynamic
 
 The exported graph (serving.py) holds everything between the sensor's mosaic and the picture,
@@ -64,10 +65,11 @@ def _default_size(values):
 
 
 def _default_output(values):
-    """exported/pynet_level_{level} (saved_model), exported/pynet_level_{level}_{size}[_fp16|_dynamic].tflite"""
+    """exported/pynet_level_{level}[_bf16|_fp16] (saved_model),
+    exported/pynet_level_{level}_{size}[_fp16|_dynamic].tflite"""
     stem = os.path.join("exported", f"pynet_level_{values['level']}")
     if values["format"] == "saved_model":
-        return stem
+        return stem if values["precision"] == "fp32" else f"{stem}_{values['precision']}"
     suffix = {"fp16": "_fp16"}.get(values["precision"], "") + {"dynamic": "_dynamic"}.get(values["quantize"], "")
     return f"{stem}_{values['size']}{suffix}.tflite"
 
@@ -82,7 +84,9 @@ ARGS = [
         "(float32 in [0, 1])", choices=("uint8", "float")),
     Arg("size", str, _default_size, "format=tflite: HEIGHTxWIDTH of the mosaic it takes (multiples of 2, at "
         f"least {utils.MIN_MOSAIC}; LiteRT needs about {LITERT_GIB_PER_MEGAPIXEL} GiB per megapixel)"),
-    Arg("precision", str, "fp32", "format=tflite: weights as fp32, or fp16 (half the size)", choices=("fp32", "fp16")),
+    Arg("precision", str, "fp32", "saved_model: the compute precision, fp32 (the reference's pictures), bf16 or "
+        "fp16 (as test_model.py precision=); tflite: the weights as fp32, or fp16 (half the size)",
+        choices=utils.PRECISIONS),
     Arg("quantize", str, "none", "format=tflite: none, or dynamic (int8 weights, a quarter of the size)",
         choices=("none", "dynamic")),
     Arg("output", str, _default_output, "the SavedModel folder or .tflite file to write; an earlier export "
@@ -195,11 +199,14 @@ def _disk_size(path: str) -> int:
 def checked_args(args) -> dict:
     """Arguments that only make sense together; ``size`` parsed into (H, W) or None."""
     if args["format"] == "saved_model":
-        for key, default in (("size", "none"), ("precision", "fp32"), ("quantize", "none")):
+        for key, default in (("size", "none"), ("quantize", "none")):
             if args[key] != default:
                 raise UsageError(f"{key}={cli.shown(str(args[key]))}: applies to format=tflite only "
-                                 f"(a SavedModel takes any size, in float32)")
+                                 f"(a SavedModel takes any size, with float32 weights)")
         return {**args, "size": None}
+    if args["precision"] == "bf16":
+        raise UsageError("precision=bf16: LiteRT has no bfloat16 convolutions; export a SavedModel "
+                         "(format=saved_model precision=bf16), or format=tflite precision=fp16")
     if args["precision"] == "fp16" and args["quantize"] == "dynamic":
         raise UsageError("quantize=dynamic stores int8 weights: use it with precision=fp32, or precision=fp16 alone")
     return {**args, "size": parse_size(args["size"])}
@@ -213,7 +220,8 @@ def main(argv):
         print(f"note: LiteRT needs about {litert_gib(args['size']):.1f} GiB to run a model for "
               f"{args['size'][0]}x{args['size'][1]} mosaics (about {LITERT_GIB_PER_MEGAPIXEL} GiB per megapixel)")
     runtime.start_tensorflow()
-    model = checkpoints.load_model(args["level"], prefix)
+    compute = args["precision"] if args["format"] == "saved_model" else "fp32"  # TFLite converts float32
+    model = checkpoints.load_model(args["level"], prefix, compute)
     iteration = checkpoints.RELEASED_ITERATION if label == "None" else int(label)
     size = export(model, args["level"], iteration, args["format"], args["output"], args["output_type"],
                   args["size"], args["precision"], args["quantize"], args["overwrite"])

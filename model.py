@@ -36,14 +36,27 @@ _BIAS_INIT = keras.initializers.Constant(0.01)
 # the reference's, so again all weights of one shape start identical.
 INITS = utils.INITS
 _HE_KERNEL_INIT = keras.initializers.HeNormal(seed=1)
-_building_init = ["reference"]   # the init of the PyNET being built (layers build inside PyNET())
+
+# PyNET(precision=): the Keras dtype policy of its layers. Variables stay float32 in every
+# precision, so checkpoints are the same; "bf16" and "fp16" compute in bfloat16 / float16, but
+# for the instance-norm statistics and normalisation and the output heads, which stay float32
+# (ConvLayer, OutputHead).
+POLICIES = {name: policy for name, policy in zip(utils.PRECISIONS, ("float32", "mixed_bfloat16", "mixed_float16"))}
+
+# What the PyNET being built takes (its layers are made and built inside PyNET()).
+_building = {"init": "reference", "dtype": "float32"}
 
 
 def _initializers(layer):
     """(kernel, bias) initializers for a layer built now."""
-    if _building_init[0] == "he" and not isinstance(layer, OutputHead):
+    if _building["init"] == "he" and not isinstance(layer, OutputHead):
         return _HE_KERNEL_INIT, "zeros"
     return _KERNEL_INIT, _BIAS_INIT
+
+
+def reduced(layer) -> bool:
+    """Whether ``layer`` computes in bfloat16 or float16."""
+    return layer.compute_dtype != "float32"
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,7 +65,8 @@ def _initializers(layer):
 class ConvLayer(keras.layers.Layer):
     """Convolution (zero 'same' padding, stride 1) + bias, then optional instance norm, then
     optional leaky ReLU 0.2. The bias is kept before instance norm, where it has no effect,
-    because the reference checkpoint stores it."""
+    because the reference checkpoint stores it; in reduced precision it is left out there
+    (instance norm removes it exactly, and in bfloat16 it would round away the signal)."""
 
     def __init__(self, filters, kernel_size, instance_norm=False, relu=True, **kwargs):
         super().__init__(**kwargs)
@@ -67,11 +81,14 @@ class ConvLayer(keras.layers.Layer):
         self.kernel = self.add_weight(name="kernel", shape=(k, k, cin, self.filters), initializer=kernel_init)
         self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=bias_init)
         if self.instance_norm:
-            self.shift = self.add_weight(name="shift", shape=(self.filters,), initializer="zeros")
-            self.scale = self.add_weight(name="scale", shape=(self.filters,), initializer="ones")
+            # read as float32 in a reduced-precision layer too: the normalisation runs in float32
+            self.shift = self.add_weight(name="shift", shape=(self.filters,), initializer="zeros", autocast=False)
+            self.scale = self.add_weight(name="scale", shape=(self.filters,), initializer="ones", autocast=False)
 
     def call(self, x):
-        x = ops.conv(x, self.kernel, strides=1, padding="same") + self.bias
+        x = ops.conv(x, self.kernel, strides=1, padding="same")
+        if not (self.instance_norm and reduced(self)):
+            x = x + self.bias
         if self.instance_norm:
             x = instance_norm(x, self.shift, self.scale)
         if self.relu:
@@ -91,9 +108,15 @@ class ConvLayer(keras.layers.Layer):
 
 
 def instance_norm(x, shift, scale):
-    """Per sample and channel over H, W; population variance; epsilon inside the square root."""
+    """Per sample and channel over H, W; population variance; epsilon inside the square root.
+    In float32 whatever ``x`` is: Keras clips the moments of a reduced-precision map to float16's
+    range, and bfloat16 keeps too few bits for a mean subtracted from each pixel."""
+    dtype = x.dtype
+    if dtype != "float32":
+        x = ops.cast(x, "float32")
     mean, variance = ops.moments(x, axes=[1, 2], keepdims=True)
-    return scale * (x - mean) / ops.sqrt(variance + IN_EPSILON) + shift
+    x = scale * (x - mean) / ops.sqrt(variance + IN_EPSILON) + shift
+    return x if dtype == "float32" else ops.cast(x, dtype)
 
 
 class UpConv(keras.layers.Layer):
@@ -122,7 +145,8 @@ class UpConv(keras.layers.Layer):
 
 
 class OutputHead(ConvLayer):
-    """3x3 convolution to RGB, then tanh(x) * 0.58 + 0.5: range [-0.08, 1.08], never clipped."""
+    """3x3 convolution to RGB, then tanh(x) * 0.58 + 0.5: range [-0.08, 1.08], never clipped.
+    Always float32 (see head()): the picture and the losses are taken from it."""
 
     def __init__(self, **kwargs):
         kwargs.update(filters=3, kernel_size=3, instance_norm=False, relu=False)
@@ -148,9 +172,11 @@ class MultiConvBlock(keras.layers.Layer):
         self.filters = filters
         self.instance_norm = instance_norm
         self.branches = []
+        # the branches compute as the block does: a sub-layer does not inherit its parent's policy
+        policy = self.dtype_policy
         for size in range(3, max_size + 1, 2):
-            first = ConvLayer(filters, size, instance_norm, name=f"conv_{size}a")
-            second = ConvLayer(filters, size, instance_norm, name=f"conv_{size}b")
+            first = ConvLayer(filters, size, instance_norm, name=f"conv_{size}a", dtype=policy)
+            second = ConvLayer(filters, size, instance_norm, name=f"conv_{size}b", dtype=policy)
             self.branches.append((first, second))
 
     def build(self, input_shape):
@@ -175,7 +201,7 @@ class MultiConvBlock(keras.layers.Layer):
 
 
 def max_pool(x, name):
-    return keras.layers.MaxPooling2D(pool_size=2, strides=2, padding="valid", name=name)(x)
+    return keras.layers.MaxPooling2D(pool_size=2, strides=2, padding="valid", name=name, dtype=_building["dtype"])(x)
 
 
 def cat(*tensors):
@@ -185,23 +211,25 @@ def cat(*tensors):
 # the figure's blocks, each under the reference's layer name (which fixes its checkpoint keys)
 
 def mb(name, max_size, filters, instance_norm):
-    return MultiConvBlock(max_size, filters, instance_norm, name=name)
+    return MultiConvBlock(max_size, filters, instance_norm, name=name, dtype=_building["dtype"])
 
 
 def up(name, filters):
-    return UpConv(filters, name=name)
+    return UpConv(filters, name=name, dtype=_building["dtype"])
 
 
 def head(name):
-    return OutputHead(name=name)
+    return OutputHead(name=name, dtype="float32")
 
 
 # ---------------------------------------------------------------------------------------
 # the graph, level by level
 
-def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet", init="reference"):
+def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet", init="reference",
+          precision="fp32"):
     """Build PyNET up to pyramid ``level`` (0 = everything, as the reference always builds),
-    its weights initialised as the reference's (``init="he"``: see INITS).
+    its weights initialised as the reference's (``init="he"``: see INITS), computing in
+    ``precision`` (see POLICIES; float32 variables in every precision).
 
     Returns a keras.Model whose outputs are ``[output_l{level}, ..., output_l5]``.
     """
@@ -209,11 +237,19 @@ def PyNET(instance_norm=True, instance_norm_level_1=False, level=0, name="pynet"
         raise ValueError(f"level must be 0..5, got {level}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    _building_init[0] = init
+    if precision not in POLICIES:
+        raise ValueError(f"precision must be one of {tuple(POLICIES)}, got {precision!r}")
+    _building.update(init=init, dtype=keras.DTypePolicy(POLICIES[precision]))
     try:
         return _pynet_graph(instance_norm, instance_norm_level_1, level, name)
     finally:
-        _building_init[0] = "reference"
+        _building.update(init="reference", dtype="float32")
+
+
+def precision_of(model) -> str:
+    """The precision a PyNET build computes in (the name PyNET(precision=) takes)."""
+    policy = model.get_layer("conv_l1_d1").dtype_policy.name
+    return next(name for name, known in POLICIES.items() if known == policy)
 
 
 def _pynet_graph(instance_norm, instance_norm_level_1, level, name):

@@ -17,6 +17,8 @@ import re
 import sys
 import tempfile
 
+from cli import UsageError
+
 # TensorFlow's C++ start-up notes (CPU features, absl) drown the scripts' own output; errors
 # still show. Every script imports this module before TensorFlow; a user's value wins.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -75,9 +77,14 @@ ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 _AVX512_CORE = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
 
 
-def cpu_flags() -> set:
-    """The instruction-set flags of this CPU (Linux), limited by ONEDNN_MAX_CPU_ISA when it
-    caps oneDNN below AVX-512; an empty set where they cannot be read."""
+def onednn_cap() -> str:
+    """The ISA cap a user set for oneDNN (ONEDNN_MAX_CPU_ISA), upper-cased; "" for none."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+
+
+def cpu_flags(cap=None) -> set:
+    """The instruction-set flags of this CPU (Linux), limited by oneDNN's ISA cap when it caps
+    oneDNN below AVX-512; an empty set where they cannot be read."""
     flags = set()
     try:
         with open("/proc/cpuinfo") as handle:
@@ -87,10 +94,61 @@ def cpu_flags() -> set:
                     break
     except OSError:
         return set()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    cap = onednn_cap() if cap is None else cap
     if cap and not cap.startswith(("AVX512", "AVX10", "AMX", "ALL", "DEFAULT")):
         flags = {f for f in flags if not f.startswith("avx512")}
     return flags
+
+
+# bfloat16 units, as oneDNN uses them: AVX512_CORE_BF16 (AVX-512 with VNNI and AVX512-BF16: AMD
+# Zen 4 and later, Intel Cooper Lake) and AVX512_CORE_AMX (AMX tiles: Intel Sapphire Rapids and
+# later). AVX_NE_CONVERT converts but has no bfloat16 arithmetic, so it does not count. A cap
+# (ONEDNN_MAX_CPU_ISA) below an ISA keeps oneDNN from using it.
+_AVX512_BF16 = _AVX512_CORE | {"avx512_vnni", "avx512_bf16"}
+_AMX = {"amx_tile", "amx_bf16", "amx_int8"}
+_AMX_CAPS = {"", "ALL", "DEFAULT", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX",
+             "AVX10_1_512_AMX_FP16"}
+_AVX512_BF16_CAPS = _AMX_CAPS | {"AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512"}
+
+
+def bf16_units(flags=None, cap=None) -> str:
+    """"AMX" or "AVX512-BF16" where this CPU has bfloat16 units oneDNN may use; "" where not."""
+    flags = cpu_flags(cap="") if flags is None else flags
+    cap = onednn_cap() if cap is None else cap.strip().upper()
+    if _AVX512_BF16 <= flags and _AMX <= flags and cap in _AMX_CAPS:
+        return "AMX"
+    if _AVX512_BF16 <= flags and cap in _AVX512_BF16_CAPS:
+        return "AVX512-BF16"
+    return ""
+
+
+def precision_note(precision: str, force_bf16: bool = False, gpus: int = 0, units=None):
+    """The line a script prints about its precision= on this machine, or None; a one-line
+    UsageError for bf16 on a CPU without bfloat16 units (emulated there, it is slower than
+    fp32) unless ``force_bf16``."""
+    units = bf16_units() if units is None else units
+    if gpus:
+        return None
+    if precision == "bf16" and not units:
+        if not force_bf16:
+            raise UsageError("precision=bf16: this CPU has no bfloat16 units (AMX or AVX512-BF16), where bfloat16 is "
+                             "emulated and slower than fp32: use precision=fp32, or force_bf16=true to run it anyway")
+        return "note: precision=bf16 on a CPU without bfloat16 units (force_bf16=true): emulated, slower than fp32"
+    if precision == "fp32" and units:
+        return f"note: this CPU has bfloat16 units ({units}): precision=bf16 would be faster (README, 'Speed')"
+    if precision == "fp16":
+        return "note: precision=fp16 is for GPUs: on a CPU float16 is emulated and slower than fp32"
+    return None
+
+
+def check_precision(precision: str, force_bf16: bool = False, out=print) -> None:
+    """Say (or refuse, see precision_note) what ``precision`` means on this machine; after
+    start_tensorflow, which tells the GPUs."""
+    import tensorflow as tf  # here: started by start_tensorflow, after this module's settings
+
+    note = precision_note(precision, force_bf16, len(tf.config.list_physical_devices("GPU")))
+    if note:
+        out(note)
 
 
 def choose_onednn(training: bool, smallest_batch: int, flags=None):

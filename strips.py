@@ -13,7 +13,17 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from model import IN_EPSILON, LEAKY_SLOPE, ConvLayer, MultiConvBlock, OutputHead, UpConv, graph_inputs, level_output
+from model import (
+    IN_EPSILON,
+    LEAKY_SLOPE,
+    ConvLayer,
+    MultiConvBlock,
+    OutputHead,
+    UpConv,
+    graph_inputs,
+    level_output,
+    reduced,
+)
 
 # How it works.
 #
@@ -57,46 +67,72 @@ MIN_STRIP_PIXELS = 16384    # smallest convolution worth a call: low levels use 
 def _conv_rows(x, layer, pad_top, pad_bottom, relu, weights=None):
     """Conv + bias (+ leaky ReLU) of a strip of rows (rows, W, C): 'same' zero padding across
     the width, ``pad_top``/``pad_bottom`` zero rows above and below (only at the frame's edges).
-    ``weights``: (kernel, bias) to use instead of the layer's."""
-    key = (pad_top, pad_bottom, layer.kernel_size // 2, relu)
+    ``weights``: (kernel, bias) to use instead of the layer's. Computed in the layer's dtype, as
+    the whole frame's layer computes (model.ConvLayer): the packed input and a reduced-precision
+    map entering a float32 head are cast to it, and a reduced-precision layer with instance norm
+    leaves out its bias."""
+    dtype = tf.as_dtype(layer.compute_dtype)
+    key = (pad_top, pad_bottom, layer.kernel_size // 2, relu, dtype)
     if key not in _CONV_FUNCTIONS:
         _CONV_FUNCTIONS[key] = _conv_function(*key)
-    kernel, bias = weights if weights is not None else (layer.kernel.value, layer.bias.value)
-    return _CONV_FUNCTIONS[key](x, kernel, bias)
+    if weights is None:
+        bias = layer.bias.value
+        weights = (layer.kernel.value, tf.zeros_like(bias) if layer.instance_norm and reduced(layer) else bias)
+    return _CONV_FUNCTIONS[key](tf.cast(x, dtype), *weights)
 
 
 _CONV_FUNCTIONS = {}
 _ANY = tf.TensorSpec(None, tf.float32)
 
 
-def _conv_function(pad_top, pad_bottom, p, relu):
-    """One graph per padding, for any strip and layer: Grappler fuses its conv, bias and leaky
-    ReLU into one kernel, which writes one map where three eager ops wrote three."""
+def _conv_function(pad_top, pad_bottom, p, relu, dtype):
+    """One graph per padding and dtype, for any strip and layer: Grappler fuses its conv, bias
+    and leaky ReLU into one kernel, which writes one map where three eager ops wrote three. The
+    float32 weights are cast inside, as a Keras layer casts its variables."""
     def conv(x, kernel, bias):
-        y = tf.nn.conv2d(tf.expand_dims(x, 0), kernel, 1, padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
-        y = tf.nn.bias_add(y, bias)
+        y = tf.nn.conv2d(tf.expand_dims(x, 0), tf.cast(kernel, dtype), 1,
+                         padding=[[0, 0], [pad_top, pad_bottom], [p, p], [0, 0]])
+        y = tf.nn.bias_add(y, tf.cast(bias, dtype))
         return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE) if relu else y, 0)
-    return tf.function(conv).get_concrete_function(_ANY, _ANY, _ANY)
+    return tf.function(conv).get_concrete_function(tf.TensorSpec(None, dtype), _ANY, _ANY)
 
 
-@tf.function(input_signature=[_ANY])
-def _strip_moments(y):
-    """Per-channel mean and sum of squared deviations of a strip, in one graph (no
-    intermediate map is kept by Python, so the graph reuses its buffers)."""
-    mean = tf.reduce_mean(y, axis=[0, 1])
-    return mean, tf.reduce_sum(tf.square(y - mean), axis=[0, 1])
+def _per_dtype(make):
+    """``make(dtype)`` -> a concrete function, built once per dtype of its first argument."""
+    made = {}
+
+    def run(y, *args):
+        if y.dtype not in made:
+            made[y.dtype] = make(y.dtype)
+        return made[y.dtype](y, *args)
+    return run
 
 
-@tf.function(input_signature=[_ANY, _ANY, _ANY])
-def _affine_leaky(y, multiplier, offset):
-    return tf.nn.leaky_relu(y * multiplier + offset, LEAKY_SLOPE)
+@_per_dtype
+def _strip_moments(dtype):
+    """Per-channel mean and sum of squared deviations of a strip, in float32 and in one graph
+    (no intermediate map is kept by Python, so the graph reuses its buffers)."""
+    def moments(y):
+        y = tf.cast(y, tf.float32)
+        mean = tf.reduce_mean(y, axis=[0, 1])
+        return mean, tf.reduce_sum(tf.square(y - mean), axis=[0, 1])
+    return tf.function(moments).get_concrete_function(tf.TensorSpec(None, dtype))
+
+
+@_per_dtype
+def _affine_leaky(dtype):
+    """Normalisation and leaky ReLU of a strip, in float32 (model.instance_norm), back in its dtype."""
+    def affine(y, multiplier, offset):
+        return tf.cast(tf.nn.leaky_relu(tf.cast(y, tf.float32) * multiplier + offset, LEAKY_SLOPE), dtype)
+    return tf.function(affine).get_concrete_function(tf.TensorSpec(None, dtype), _ANY, _ANY)
 
 
 def _up_rows(x, layer):
     """Stride-2 'same' transposed convolution + leaky ReLU of a strip of rows."""
     rows, width, _ = x.shape
-    y = tf.nn.conv2d_transpose(tf.expand_dims(x, 0), layer.kernel.value, [1, 2 * rows, 2 * width, layer.filters], 2,
-                               "SAME")
+    dtype = tf.as_dtype(layer.compute_dtype)
+    y = tf.nn.conv2d_transpose(tf.expand_dims(tf.cast(x, dtype), 0), tf.cast(layer.kernel.value, dtype),
+                               [1, 2 * rows, 2 * width, layer.filters], 2, "SAME")
     return tf.squeeze(tf.nn.leaky_relu(y, LEAKY_SLOPE), 0)
 
 
@@ -336,7 +372,7 @@ class _NormConvRows(_ConvRows):
     def _set_affine(self, mean, variance):
         multiplier = self.layer.scale.value / tf.sqrt(variance.astype(np.float32) + IN_EPSILON)
         self.affine = (multiplier, self.layer.shift.value - mean.astype(np.float32) * multiplier)
-        if self.replay:
+        if self.replay and not reduced(self.layer):
             # normalisation folded into the convolution: one fused kernel per replayed strip
             self.folded = (self.layer.kernel.value * multiplier,
                            (self.layer.bias.value - mean.astype(np.float32)) * multiplier + self.layer.shift.value)
@@ -368,6 +404,8 @@ class _NormConvRows(_ConvRows):
         self.chunks, self.hi = [], self.height   # rows asked for from now on are computed again
 
     def produce(self, a, b):  # a replayed map's rows, normalised
+        if self.folded is None:  # reduced precision: folded weights would be rounded again
+            return self._normalise(self._conv(a, b, relu=False))
         return self._conv(a, b, relu=True, weights=self.folded)
 
     def get(self, a, b):

@@ -62,6 +62,8 @@ ARGS = [
         "none = the whole mosaic", choices=("none", "reference")),
     Arg("model", str, "none", "an exported SavedModel folder or .tflite file (export_model.py) to render with "
         "instead of a checkpoint (level, orig, restore_iter, tile_size are then its own); none = a checkpoint"),
+    utils.precision_arg(),
+    utils.force_bf16_arg(),
     Arg("range_check", cli.BOOL, True, "refuse mosaics with values above 1023 (PyNET's input is the P20's "
         "10-bit range); false = render them anyway"),
 ]
@@ -209,14 +211,24 @@ def renderer(args, prefix, shapes):
 
         model = deployed.load_for_rendering(args["model"], args["bits"], args["stretch"])
         return (lambda mosaic, progress: model.picture(mosaic, args["crop"], progress)), model.level, model.iteration
+    runtime.check_precision(args["precision"], args["force_bf16"])
     render.return_freed_memory_for(shapes, args["tile_size"], args["crop"])
-    model = checkpoints.load_model(args["level"], prefix)
+    model = checkpoints.load_model(args["level"], prefix, args["precision"])
     return (lambda mosaic, progress: render.render(model, mosaic, args["level"], args["tile_size"], args["crop"],
                                                    progress)), args["level"], None
 
 
-def main(argv):
+def parse_arguments(argv) -> dict:
+    """The arguments, refusing those an exported model (model=) decides for itself."""
     args = cli.parse_args(argv, ARGS, "test_model.py", __doc__.strip().splitlines()[0])
+    if args["model"] != "none" and args["precision"] != "fp32":
+        raise UsageError(f"precision={args['precision']}: an exported model computes in the precision it was "
+                         f"exported with (export_model.py precision=)")
+    return args
+
+
+def main(argv):
+    args = parse_arguments(argv)
     paths = list_inputs(args["input"])
     check_distinct_outputs(paths)
     files.check_output_dir(args["output_dir"], "output_dir")

@@ -6,7 +6,7 @@ writes), ``images`` (image files), ``camera`` (the sensor and the Bayer packing)
 ``runtime`` (process settings made before TensorFlow starts), ``checkpoints``.
 """
 
-from cli import OPTIONAL_INT, Arg, non_negative
+from cli import BOOL, OPTIONAL_INT, Arg, non_negative
 
 LEVELS = (0, 1, 2, 3, 4, 5)
 
@@ -26,6 +26,9 @@ MIN_MOSAIC = 32
 # here so that the scripts' argument specs need no TensorFlow.
 INITS = ("reference", "he")
 LOSSES = ("reference", "mse")
+# Compute precisions (model.PyNET(precision=)): float32 as the reference, bfloat16 for CPUs with
+# bfloat16 units and recent GPUs, float16 for GPUs.
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def level_arg(default=0, help="pyramid level: 5, 4, 3, 2, 1 or 0 (full resolution)") -> Arg:
@@ -34,6 +37,17 @@ def level_arg(default=0, help="pyramid level: 5, 4, 3, 2, 1 or 0 (full resolutio
 
 def dataset_dir_arg() -> Arg:
     return Arg("dataset_dir", str, "raw_images/", "folder of the ZRR dataset (train/, test/)")
+
+
+def precision_arg() -> Arg:
+    return Arg("precision", str, "fp32", "compute precision: fp32 (the reference's; the released weights give its "
+               "pictures), bf16 (bfloat16 compute with float32 weights: for CPUs with bfloat16 units and recent "
+               "GPUs), fp16 (float16, for GPUs)", choices=PRECISIONS)
+
+
+def force_bf16_arg() -> Arg:
+    return Arg("force_bf16", BOOL, False, "run precision=bf16 on a CPU without bfloat16 units, where it is "
+               "emulated and slower than fp32 (to check results, not for speed)")
 
 
 def restore_iter_arg() -> Arg:

@@ -53,7 +53,7 @@ def renders(monkeypatch):
         return np.full(mosaic.shape + (3,), 0.5, np.float32)
 
     monkeypatch.setattr(checkpoints, "resolve", lambda args: ("unused", "1"))
-    monkeypatch.setattr(checkpoints, "load_model", lambda level, prefix: None)
+    monkeypatch.setattr(checkpoints, "load_model", lambda level, prefix, precision="fp32": None)
     monkeypatch.setattr(render, "render", picture)
     return state
 
@@ -102,7 +102,7 @@ def test_arguments_that_do_not_apply_are_usage_errors(capsys):
         (test_model.main, ["input="], "error: input=: no mosaics given (a PNG file, a folder, or several separated "
                                       "by commas)"),
         (evaluate_accuracy.main, ["model=baseline", "restore_iter=5"],
-         "error: restore_iter=5: names a checkpoint, which model=baseline does not use"),
+         "error: restore_iter=5: applies to the network, which model=baseline does not use"),
         (evaluate_accuracy.main, ["black_level=10"],
          "error: black_level=10: applies to model=baseline only (the network learned its own)"),
     ]:

@@ -325,7 +325,7 @@ def test_mallocs_threshold_is_set_before_the_weights_when_a_frame_goes_in_strips
 
     calls = []
     monkeypatch.setattr(runtime, "return_freed_memory", lambda: calls.append("malloc"))
-    monkeypatch.setattr(checkpoints, "load_model", lambda level, prefix: calls.append("load"))
+    monkeypatch.setattr(checkpoints, "load_model", lambda level, prefix, precision: calls.append("load"))
     monkeypatch.setattr(checkpoints, "resolve", lambda args: ("unused", "1"))
     monkeypatch.setattr(render, "render", lambda model, mosaic, *rest: np.full(mosaic.shape + (3,), 0.5, np.float32))
     images.write_png(str(tmp_path / "frame.png"), np.random.default_rng(0).integers(0, 1024, shape, np.uint16))
