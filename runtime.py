@@ -77,6 +77,18 @@ ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
 _AVX512_CORE = {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
 
 
+def cpu_model() -> str:
+    """This CPU's model name (Linux), or the platform's processor name."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def onednn_cap() -> str:
     """The ISA cap a user set for oneDNN (ONEDNN_MAX_CPU_ISA), upper-cased; "" for none."""
     return os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()

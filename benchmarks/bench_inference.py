@@ -4,6 +4,7 @@
     python benchmarks/bench_inference.py parts=peak,patches settings=function,xla batch=2
     python benchmarks/bench_inference.py parts=frame frame_rows=16,24,48
     python benchmarks/bench_inference.py parts=deploy repeats=2       # exported models, ~25 min
+    python benchmarks/bench_inference.py parts=patches,frame settings=function precision=fp32,bf16
 
 Every measurement runs in a fresh Python process, so its peak RSS (getrusage ru_maxrss) is its
 own, and prints one line. The parts:
@@ -132,6 +133,8 @@ SPEC = [
               "multiples of 2; 448x448 is one 224x224 packed patch)"),
     cli.Arg("timeout", int, 1800, "seconds before a measurement is abandoned (oneDNN can be very slow)",
               check=cli.positive),
+    cli.Arg("precision", str, "fp32", "compute precisions of the patches and the frame (test_model.py precision=): "
+            "fp32 and/or bf16, e.g. fp32,bf16 (bf16 is emulated, and slow, on a CPU without bfloat16 units)"),
     cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
 
@@ -156,13 +159,13 @@ def timed(function, repeats):
     return first, times
 
 
-def sane_model():
+def sane_model(precision="fp32"):
     """The full PyNET with random weights scaled by fan-in (as tests/test_render.py's)."""
     import numpy as np
 
     from model import PyNET
 
-    model = PyNET()
+    model = PyNET(precision=precision)
     rng = np.random.default_rng(0)
     for var in model.weights:
         shape = var.shape
@@ -238,7 +241,7 @@ def child_patches(args):
         tf.config.threading.set_inter_op_parallelism_threads(1)
     if setting == "intra_op_1":
         tf.config.threading.set_intra_op_parallelism_threads(1)
-    model = sane_model()
+    model = sane_model(args["precision"])
     view = level_model(model, 0)
     batch = args["batch"]
     x = tf.constant(np.random.default_rng(1).uniform(0, 1, (batch, 224, 224, 4)).astype(np.float32))
@@ -252,7 +255,7 @@ def child_patches(args):
     first, times = timed(run, args["repeats"])
     macs = conv_macs(model, 224, 224, level=0, batch=batch)
     best = min(times)
-    return {"setting": setting, "batch": batch, "first_s": first, "best_s": best,
+    return {"setting": setting, "precision": args["precision"], "batch": batch, "first_s": first, "best_s": best,
             "median_s": sorted(times)[len(times) // 2], "mp_per_s": batch * 448 * 448 / best / 1e6,
             "gmac_per_s": macs / best / 1e9, "peak_rss_mib": peak_rss_mib()}
 
@@ -273,7 +276,7 @@ def child_frame(args):
     rows = str(args["rows"])
     tile_size = None if rows == "auto" else int(rows)
     render.return_freed_memory_for([mosaic.shape], tile_size)   # as test_model.py, before the weights
-    model = sane_model()
+    model = sane_model(args["precision"])
     start = time.perf_counter()
     image = render.render(model, mosaic, 0, tile_size)
     seconds = time.perf_counter() - start
@@ -293,11 +296,13 @@ def child_cli_files(args):
     return {"folder": folder}
 
 
-def measure_cli(folder, env, timeout):
+def measure_cli(folder, env, timeout, precision="fp32"):
     """test_model.py level=0 on the files of child_cli_files, as a user runs it: wall seconds and
     the peak RSS of that process alone (os.wait4, not the children's maximum so far)."""
     command = [sys.executable, os.path.join(ROOT, "test_model.py"), "level=0", f"input={folder}/frame.png",
-               f"models_dir={folder}/models", f"output_dir={folder}/out"]
+               f"models_dir={folder}/models", f"output_dir={folder}/out", f"precision={precision}"]
+    if precision == "bf16" and not runtime.bf16_units():
+        command.append("force_bf16=true")  # measured anyway: the line says the CPU has no bfloat16 units
     os.makedirs(os.path.join(folder, "out"), exist_ok=True)
     with open(os.path.join(folder, "stderr.txt"), "w+") as errors:
         start = time.perf_counter()
@@ -463,17 +468,10 @@ def spawn(part, timeout, env=None, **args):
 def machine():
     import tensorflow as tf
 
-    cpu, flags = platform.processor() or "?", set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            lines = handle.read().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-        flags = set(next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
+    cpu, flags = runtime.cpu_model(), runtime.cpu_flags(cap="")
     # TensorFlow's x86 Linux build turns oneDNN on by itself only on CPUs with these
     # instructions; the rates of every setting depend on which kernels run.
-    vnni = sorted(flags & {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile"})
+    vnni = sorted(flags & {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16"})
     setting = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     if setting in ("0", "1"):
         onednn = f"{'on' if setting == '1' else 'off'} (TF_ENABLE_ONEDNN_OPTS)"
@@ -488,10 +486,11 @@ def machine():
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
             "keras": __import__("keras").__version__, "ai_edge_litert": litert,
             "glibc": " ".join(platform.libc_ver()), "transparent_huge_pages": runtime.thp_mode() or "unknown",
-            "avx512f": "avx512f" in flags, "vnni_flags": vnni, "onednn": onednn, "load_average": os.getloadavg()}
+            "avx512f": "avx512f" in flags, "vnni_flags": vnni, "bf16_units": runtime.bf16_units() or "none",
+            "onednn": onednn, "load_average": os.getloadavg()}
 
 
-def measure_frame_cli(frame, allocators, pages, timeout):
+def measure_frame_cli(frame, allocators, pages, timeout, precisions=("fp32",)):
     print("  test_model.py level=0 on the frame as a PNG, with a level-0 checkpoint (wall time of the process):")
     with tempfile.TemporaryDirectory(prefix="bench_cli_") as folder:
         made = spawn("cli_files", timeout, folder=folder, packed=frame)
@@ -499,13 +498,14 @@ def measure_frame_cli(frame, allocators, pages, timeout):
             print(f"    cannot write the files: {made['error']}")
             return [made]
         results = []
-        for allocator, page in [(a, p) for a in allocators for p in pages]:
+        for precision, allocator, page in [(q, a, p) for q in precisions for a in allocators for p in pages]:
             # huge pages: nothing to set, test_model.py starts itself again with them
             env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator],
                    **(pages_environment(page) if page == "small" else {})}
-            r = {"allocator": allocator, "pages": page, **measure_cli(folder, env, timeout)}
+            r = {"precision": precision, "allocator": allocator, "pages": page,
+                 **measure_cli(folder, env, timeout, precision)}
             results.append(r)
-            label = f"test_model.py, {allocator}, {page}"
+            label = f"test_model.py, {precision}, {allocator}, {page}"
             if "error" in r:
                 print(f"  {label:<36} {r['error']}")
             else:
@@ -523,8 +523,10 @@ def main(argv):
     pages = _names(args["frame_pages"], PAGES, "frame_pages")
     rows = _rows(args["frame_rows"])
     frame = _frame(args["frame_packed"])
+    precisions = _names(args["precision"], ("fp32", "bf16"), "precision")
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, AVX-512 {'yes' if info['avx512f'] else 'no'}, "
+          f"bfloat16 units {info['bf16_units']}, "
           f"oneDNN {info['onednn']}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
           f"ai-edge-litert {info['ai_edge_litert']}, Python {info['python']}, "
           f"{info['glibc']}, transparent huge pages {info['transparent_huge_pages']}, "
@@ -543,16 +545,18 @@ def main(argv):
     if "patches" in parts:
         print(f"\nwhole network, batch of {args['batch']} 224x224 packed patches -> 448x448 RGB (level 0):")
         results["patches"] = []
-        for setting in settings:
+        for precision, setting in [(q, s) for q in precisions for s in settings]:
             description, env = SETTINGS[setting]
-            r = spawn("patches", args["timeout"], env, setting=setting, batch=args["batch"], repeats=args["repeats"])
+            r = spawn("patches", args["timeout"], env, setting=setting, batch=args["batch"], repeats=args["repeats"],
+                      precision=precision)
             r.setdefault("setting", setting)
             results["patches"].append(r)
+            label = f"{setting} {precision}"
             if "error" in r:
-                print(f"  {setting:<11} {r['error']}   ({description})")
+                print(f"  {label:<16} {r['error']}   ({description})")
                 continue
             share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
-            print(f"  {setting:<11} {r['best_s']:7.2f} s/batch (median {r['median_s']:.2f}, first {r['first_s']:.1f})"
+            print(f"  {label:<16} {r['best_s']:7.2f} s/batch (median {r['median_s']:.2f}, first {r['first_s']:.1f})"
                   f"  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s{share}  peak RSS "
                   f"{r['peak_rss_mib'] / 1024:.2f} GiB   ({description})")
     if "frame" in parts:
@@ -560,15 +564,16 @@ def main(argv):
         print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({megapixels:.1f} MP) -> RGB, "
               f"level 0, render.render:")
         results["frame"] = []
-        runs = [(r, a, p) for r in rows + ([0] if args["frame_whole"] else []) for a in allocators for p in pages]
-        for r_rows, allocator, page in runs:
+        runs = [(q, r, a, p) for q in precisions for r in rows + ([0] if args["frame_whole"] else [])
+                for a in allocators for p in pages]
+        for precision, r_rows, allocator, page in runs:
             env = {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": ALLOCATORS[allocator], **pages_environment(page)}
-            r = spawn("frame", args["timeout"], env, rows=r_rows, packed=frame)
+            r = spawn("frame", args["timeout"], env, rows=r_rows, packed=frame, precision=precision)
             r.setdefault("rows", r_rows)
-            r["allocator"], r["pages"] = allocator, page
+            r["allocator"], r["pages"], r["precision"] = allocator, page, precision
             results["frame"].append(r)
             shape = "whole frame" if str(r["rows"]) == "0" else f"strips of {r['rows']} rows"
-            label = f"{shape}, {allocator}, {page}"
+            label = f"{shape}, {precision}, {allocator}, {page}"
             if "error" in r:
                 print(f"  {label:<36} {r['error']}")
                 continue
@@ -576,7 +581,7 @@ def main(argv):
             print(f"  {label:<36} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
                   f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
         if args["frame_cli"]:
-            results["frame_cli"] = measure_frame_cli(frame, allocators, pages, args["timeout"])
+            results["frame_cli"] = measure_frame_cli(frame, allocators, pages, args["timeout"], precisions)
     if "deploy" in parts:
         print("\nexported models (export_model.py) against test_model.py's own path, one mosaic at a time:")
         results["deploy"] = measure_deploy(deploy, args["timeout"])
