@@ -189,11 +189,34 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
     last = checkpoints.get_last_iter(5, str(tmp_path / "w0"))
     assert last is not None and last >= 1
     assert last in resume.resumable_iterations(str(tmp_path / "w0"), 5)
+    saved = checkpoints.checkpoint_prefix(str(tmp_path / "w0"), 5, last)
     assert last_line(err0) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; saved "
-                               f"{checkpoints.checkpoint_prefix(str(tmp_path / 'w0'), 5, last)}: continue with resume=true")
+                               f"{saved}: continue with resume=true")
     assert last_line(err1) == (f"error: stopped by SIGTERM on worker 1 after iteration {last} of level 5; the chief "
                                f"(worker 0) saved iteration {last} in its models_dir: continue with resume=true")
     assert not (tmp_path / "w1").exists() and not (tmp_path / "r1").exists()
+
+
+def test_one_process_coordinates_with_itself(monkeypatch):
+    """The trainer's coordinator outside a multi-worker strategy: each agreement is a no-op."""
+    import tensorflow as tf
+
+    import coordination
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    solo = coordination.coordinator(tf.distribute.get_strategy())
+    assert isinstance(solo, coordination.Solo) and solo.chief and solo.tasks == 1
+    prepared = []
+    solo.agree_on_start(lambda: prepared.append("checked"), {})
+    assert prepared == ["checked"]
+    assert solo.agreed_stop(None) is None and solo.agreed_stop("SIGTERM") == "SIGTERM"
+    solo.barrier("after iteration 3")
+    with pytest.raises(RuntimeError, match="^as raised$"), solo.lost_peer("during iteration 3"):
+        raise RuntimeError("as raised")
+    # a task of a TF_CONFIG cluster outside the multi-worker strategy writes nothing
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
+    solo = coordination.coordinator(tf.distribute.get_strategy())
+    assert isinstance(solo, coordination.Solo) and not solo.chief and solo.chief_name == "worker 0"
 
 
 # ---------------------------------------------------------------------------------------

@@ -474,7 +474,7 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np
 sys.path.insert(0, sys.argv[2])  # the tests' folder, for helpers
-import cluster, load_dataset, train_model
+import cluster, load_dataset, train_model, trainer
 from model import PyNET
 from helpers import captured_gradient
 
