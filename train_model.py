@@ -14,7 +14,7 @@ appended to models/logs.txt, visual results [prediction | target] in results/ an
 models/pynet_level_{L}_iteration_{I}.ckpt holding all 437 variables under the reference's keys.
 
 Added: a progress bar, TensorBoard summaries, ``resume=true`` (optimizer state and iteration
-count), a checkpoint on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
+count), one run per models_dir, a checkpoint on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
 atomic checkpoints, ``tf.distribute`` (mirrored / multi-worker), gradient accumulation,
 mixed precision and smaller patches.  See the README's training section.
 """
@@ -24,6 +24,7 @@ import sys
 import cli
 import cluster as cluster_module
 import load_dataset
+import preflight
 import runtime
 import utils
 from cli import Arg, UsageError
@@ -142,15 +143,23 @@ def main(argv):
     args = parse_arguments(argv)
     print("parameters:")
     cli.print_args({a.name: args[a.name] for a in SPEC})
-    runtime.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
-    runtime.start_tensorflow()
     print(load_dataset.describe_dataset(args["dataset_dir"]))
-    strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
-    configure(args)
-    print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
-    from trainer import Trainer  # here: it starts TensorFlow, after runtime's settings
+    # One process alone makes its checks before TensorFlow starts, so that a missing dataset is
+    # one line and fast. The tasks of a cluster make them in the Trainer, where a task's failure
+    # reaches the others instead of leaving them waiting; TF_CONFIG is read through TensorFlow.
+    plan = preflight.check(args) if cluster_module.task_count() == 0 else None
+    try:
+        runtime.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
+        runtime.start_tensorflow()
+        strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
+        configure(args)
+        print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
+        from trainer import Trainer  # here: it starts TensorFlow, after runtime's settings
 
-    Trainer(args, strategy).run()
+        Trainer(args, strategy, plan=plan).run()
+    finally:
+        if plan is not None:
+            plan.release()
 
 
 if __name__ == "__main__":

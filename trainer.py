@@ -1,7 +1,7 @@
 """The training of one level: what train_model.py runs once its arguments are checked.
 
-``Trainer(args, strategy)`` sets everything up (cheap checks first: folders, the VGG file, the
-start point, the data) and ``run()`` trains: the reference's
+``Trainer(args, strategy)`` sets everything up (preflight.check's cheap checks first, unless
+train_model.py made them before TensorFlow started) and ``run()`` trains: the reference's
 loop, evaluation, log line, visual results and checkpoints, plus resume, Ctrl-C / SIGTERM and
 several workers (through a coordinator, coordination.py, that does nothing for one process).
 """
@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -22,8 +23,9 @@ import data_pipeline
 import files
 import images
 import load_dataset
-import losses
+import preflight
 import resume
+import train_state
 import utils
 import vgg
 from cli import UsageError, UserError
@@ -47,13 +49,6 @@ class TrainingStopped(UserError):
 # ---------------------------------------------------------------------------------------
 # data
 
-def check_eval_batch(args, num_test):
-    if num_test < args["eval_batch_size"]:
-        raise UserError(f"eval_batch_size={args['eval_batch_size']} is larger than the {num_test} test patches of "
-                        f"{args['dataset_dir']}: the evaluation uses full batches only (as the reference); lower "
-                        f"batch_size or eval_batch_size")
-
-
 def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indices=None):
     """The training stream, positioned after ``start_step`` optimizer steps (for resume=true).
     The plan is that of optimizer steps of batch_size samples (subset redraws included), cut
@@ -67,14 +62,10 @@ def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indi
         shard=shard, out_batch=replica_batch, indices=indices)
 
 
-def test_data(args):
-    """The test split (checked file by file) in batches of eval_batch_size, its error log and
-    the indices of its usable patches."""
-    indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], deep=True)
-    ds, log = data_pipeline.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
-                                        patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
-    check_eval_batch(args, len(indices))
-    return ds, log, indices
+def test_data(args, indices):
+    """The test split's usable patches ``indices`` in batches of eval_batch_size, and its error log."""
+    return data_pipeline.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
+                                      patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
 
 
 def visual_crops(args, test_indices):
@@ -146,23 +137,6 @@ class StopRequest:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-NO_VGG_WARNING = ("WARNING: vgg_dir=none: level {level} trains WITHOUT the VGG-19 content loss that the "
-                  "reference uses at levels 3 to 0; results will differ from the paper's")
-
-
-def departures(args, resumed=False) -> list:
-    """Notes for the options that leave the reference's training (init=, loss=); a resumed
-    level initialises nothing."""
-    notes = []
-    if args["init"] != "reference" and not resumed:
-        notes.append(f"NOTE: init={args['init']}: the layers level {args['level']} adds start from He-normal "
-                     f"weights, not the reference's N(0, 0.01)")
-    if args["loss"] != "reference" and losses.LEVEL_WEIGHTS[args["level"]][1:] != (0.0, 0.0):
-        notes.append(f"NOTE: loss={args['loss']}: level {args['level']} trains on its MSE term alone, not the "
-                     f"reference's loss")
-    return notes
-
-
 # ---------------------------------------------------------------------------------------
 # the trainer
 
@@ -171,10 +145,13 @@ class Trainer:
     """Everything a run needs, set up in ``__init__`` (cheap checks first), run by ``run()``.
 
     ``model`` may be passed in (a full PyNET built in ``strategy``'s scope) to reuse one across
-    runs; ``stop`` is a StopRequest; ``on_step(i, loss)`` is called after each step (tests).
+    runs; ``stop`` is a StopRequest; ``on_step(i, loss)`` is called after each step (tests);
+    ``plan`` is preflight.check's result when the caller made the checks. The writing process
+    holds models_dir (run_lock) from the checks until run() ends, the setup fails or the
+    Trainer is dropped.
     """
 
-    def __init__(self, args, strategy=None, model=None, stop=None, on_step=None, out=print):
+    def __init__(self, args, strategy=None, model=None, stop=None, on_step=None, out=print, plan=None):
         self.args, self.out = args, out
         self.level = args["level"]
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -184,32 +161,30 @@ class Trainer:
         self.on_step = on_step
         self.replicas = self.strategy.num_replicas_in_sync
         self.distributed = self.replicas > 1 or self.team.tasks > 1
-        self.team.agree_on_start(self.prepare, args)
-        self.build(model)
-        self.restore_start()
+        self.plan = plan
+        try:
+            self.team.agree_on_start(lambda: self.prepare(plan), args)
+            self.build(model)
+            self.restore_start()
+        except BaseException:
+            self.release()
+            raise
+        # a Trainer set up but never run (tests, benchmarks) gives the folder up when dropped
+        weakref.finalize(self, self.plan.release)
 
-    def prepare(self):
-        """The cheap checks, in order: output folders, the VGG file, the start point, the data;
-        returns the start point."""
-        args, out = self.args, self.out
-        for name in ("models_dir", "results_dir"):
-            files.check_output_dir(args[name], name)
-        self.needs_vgg = losses.uses_content(self.level) and args["loss"] == "reference"
-        if self.needs_vgg and args["vgg_dir"].lower() == "none":
-            out(NO_VGG_WARNING.format(level=self.level))
-            self.needs_vgg = False
-        if self.needs_vgg and not files.isfile(args["vgg_dir"]):
-            raise UserError(vgg.missing_file_message(args["vgg_dir"]))
-        self.start = resume.find_start(args, log=out)
-        for line in departures(args, resumed=self.start.kind == "resume"):
-            out(line)
+    def prepare(self, plan=None):
+        """The checks (preflight.check, unless their ``plan`` is given), those that need the
+        strategy, and the input pipelines of one device; returns the start point."""
+        args = self.args
+        self.plan = plan or preflight.check(args, writer=self.chief, out=self.out)
+        self.start = self.plan.start
         if micro_batch(args) % self.replicas:
             raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {self.replicas} "
                              f"replicas of the strategy")
-        self.test_ds, self.test_log, self.test_indices = test_data(args)
-        self.train_indices = load_dataset.check_dataset(args["dataset_dir"], "train", skip_bad=args["skip_bad"])
+        self.test_ds, self.test_log = test_data(args, self.plan.test_indices)
         if not self.distributed:  # under a strategy, each input pipeline is built in run() for its share
-            self.train_ds, self.train_log = train_data(args, self.start.iteration + 1, indices=self.train_indices)
+            self.train_ds, self.train_log = train_data(args, self.start.iteration + 1,
+                                                       indices=self.plan.train_indices)
         return self.start
 
     def build(self, model):
@@ -217,7 +192,7 @@ class Trainer:
         content loss, a fresh Adam, the loop's counters and the compiled steps."""
         args = self.args
         with self.strategy.scope():
-            self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.needs_vgg else None
+            self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.plan.needs_vgg else None
             if model is None:
                 model = PyNET(instance_norm=True, instance_norm_level_1=False, init=args["init"])
             self.model = model
@@ -242,7 +217,7 @@ class Trainer:
             if start.kind in ("handover", "resume"):
                 checkpoints.load_checkpoint(self.model, start.prefix)
             if start.kind == "resume":
-                resume.restore_state(base_optimizer(self.optimizer), self.counters, start.prefix)
+                train_state.restore_state(base_optimizer(self.optimizer), self.counters, start.prefix)
         if start.kind == "resume":
             base_optimizer(self.optimizer).learning_rate = self.args["learning_rate"]
             if int(self.counters["iteration"].numpy()) != start.iteration:
@@ -251,6 +226,11 @@ class Trainer:
         what = {"scratch": "from scratch", "handover": f"from {start.prefix}",
                 "resume": f"resuming after iteration {start.iteration} ({start.prefix})"}[start.kind]
         self.out(f"level {self.level}: {what}")
+
+    def release(self):
+        """Give models_dir up (idempotent)."""
+        if self.plan is not None:
+            self.plan.release()
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -282,7 +262,13 @@ class Trainer:
 
     def run(self):
         """Train; returns the last good checkpoint (the last one this task wrote, else the one it
-        resumed from), None when there is none."""
+        resumed from), None when there is none. models_dir is given up at the end."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self):
         args, level = self.args, self.level
         last_iter = args["num_train_iters"]
         first = int(self.counters["iteration"].numpy()) + 1  # 0, or the step after the resumed one
@@ -292,11 +278,11 @@ class Trainer:
             self.out(f"level {level} already has {first} of {last_iter + 1} steps: nothing to do")
             return self.last_good
 
-        crops = visual_crops(args, self.test_indices)
+        crops = visual_crops(args, self.plan.test_indices)
         iterator, train_log = self.train_input(first)
         writer = None
         if args["tensorboard"] and self.chief:
-            writer = tf.summary.create_file_writer(os.path.join(args["models_dir"], "tensorboard", f"level_{level}"))
+            writer = tf.summary.create_file_writer(resume.summaries_dir(args["models_dir"], level))
         restore_handlers = self.stop.install()
         bar = None
         try:
@@ -374,7 +360,7 @@ class Trainer:
         def dataset_fn(context):
             ds, log = train_data(self.args, first, shard=(context.input_pipeline_id, context.num_input_pipelines),
                                  replica_batch=context.get_per_replica_batch_size(micro_batch(self.args)),
-                                 indices=self.train_indices)
+                                 indices=self.plan.train_indices)
             logs.append(log)
             return ds
 
@@ -412,7 +398,7 @@ class Trainer:
             return
         prefix = checkpoints.checkpoint_prefix(self.args["models_dir"], self.level, i)
         try:
-            resume.save_training_checkpoint(self.model, base_optimizer(self.optimizer), self.counters, prefix)
+            train_state.save_training_checkpoint(self.model, base_optimizer(self.optimizer), self.counters, prefix)
         except checkpoints.NonFiniteWeights as err:
             raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
         self.last_good = prefix

@@ -228,14 +228,17 @@ def cli_error(argv, capsys):
     return code, err
 
 
-def test_devices_must_be_ones_tensorflow_sees(capsys, tmp_path):
+def test_devices_must_be_ones_tensorflow_sees(capsys, sample_dataset, tmp_path):
     import tensorflow as tf
 
+    # a run whose files pass the checks made before TensorFlow starts
+    run = [f"dataset_dir={sample_dataset}", "level=5", "patch_size=32", "batch_size=2", f"models_dir={tmp_path}",
+           f"results_dir={tmp_path / 'results'}"]
     count = len(tf.config.list_logical_devices("CPU"))
-    code, err = cli_error(["strategy=mirrored", f"devices=/cpu:0,/cpu:{count}", f"models_dir={tmp_path}"], capsys)
+    code, err = cli_error(["strategy=mirrored", f"devices=/cpu:0,/cpu:{count}"] + run, capsys)
     assert code == 2 and err == [f"error: devices=/cpu:0,/cpu:{count}: /cpu:{count} is not a device TensorFlow "
                                  f"sees here (it sees /cpu:0)"]
-    code, err = cli_error(["strategy=mirrored", "devices=/cpu:0,/device:CPU:0"], capsys)
+    code, err = cli_error(["strategy=mirrored", "devices=/cpu:0,/device:CPU:0"] + run, capsys)
     assert code == 2 and err == ["error: devices=/cpu:0,/device:CPU:0: /device:CPU:0 is given twice"]
     assert cluster_module.make_strategy("mirrored", "/cpu:0").num_replicas_in_sync == 1
 

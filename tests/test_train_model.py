@@ -21,6 +21,7 @@ import pytest
 import checkpoints
 import cli
 import cluster as cluster_module
+import preflight
 import resume
 import steps
 import train_model
@@ -220,12 +221,18 @@ def test_mse_loss_trains_level0_without_vgg_and_says_so(model, sample_dataset, t
 
 
 def test_reference_options_print_no_notes():
-    assert trainer.departures(train_model.parse_arguments(["level=0"])) == []
+    assert preflight.departures(train_model.parse_arguments(["level=0"])) == []
     # levels 5 and 4 are MSE alone in the reference too
-    assert trainer.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
+    assert preflight.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
     # a resumed level initialises nothing
     he = train_model.parse_arguments(["level=2", "init=he"])
-    assert len(trainer.departures(he)) == 1 and trainer.departures(he, resumed=True) == []
+    assert len(preflight.departures(he)) == 1 and preflight.departures(he, "resume") == []
+
+
+def test_preflight_knows_the_levels_with_the_content_term():
+    import losses
+
+    assert [preflight.uses_content(level) for level in range(6)] == [losses.uses_content(level) for level in range(6)]
 
 
 # ---------------------------------------------------------------------------------------
