@@ -5,11 +5,13 @@ models_dir alone (TensorFlow-free, so that train_model.py checks it before Tenso
   resumed run.
 * ``check_fresh_start`` / ``prepare_folders``: a fresh training run does not write into a
   folder where another run's checkpoints of its level would still count as "the latest".
+* ``trim_log``: logs.txt as far as the checkpoint a run resumes from.
 
 The training state beside each checkpoint is train_state.py's.
 """
 
 import os
+import re
 
 import checkpoints
 import files
@@ -68,6 +70,31 @@ def prepare_folders(args, start_kind: str, log=print) -> None:
         deleted.append(f"the level-{level} TensorBoard summaries ({summaries})")
     if deleted:
         log(f"overwrite=true: deleted {' and '.join(deleted)} of an earlier run from {models_dir}")
+
+
+# ---------------------------------------------------------------------------------------
+# logs.txt
+
+_LOG_STEP = re.compile(r"^step (\d+) \|")
+
+
+def trim_log(path: str, iteration: int) -> int:
+    """Drop the lines of logs.txt past ``iteration``, the checkpoint a run resumes from; returns
+    how many went.
+
+    A run appends an evaluation's line before it writes that iteration's checkpoint, so a run
+    killed between the two leaves a line that its resumed run logs again. Trimming on resume
+    keeps every step up to the checkpoint, each once. Logging once the checkpoint is in place
+    would leave a hole instead (killed between the checkpoint and its line, the resumed run
+    starts after that step) and lose the line of an evaluation whose checkpoint failed (NaN
+    weights, a full disk), the line that shows why."""
+    if not files.exists(path):
+        return 0
+    lines = files.read_bytes(path).decode("utf-8", "replace").splitlines(keepends=True)
+    kept = [line for line in lines if not ((m := _LOG_STEP.match(line)) and int(m.group(1)) > iteration)]
+    if len(kept) != len(lines):
+        files.write_file(path, "".join(kept).encode())
+    return len(lines) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------

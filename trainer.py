@@ -299,14 +299,16 @@ class Trainer:
 
     def open_folders(self):
         """The writer's folders: temporaries of killed runs and (overwrite=true) the level's
-        earlier checkpoints removed; logs.txt emptied, as the reference does at every run, except
-        on resume, which appends."""
+        earlier checkpoints removed; logs.txt emptied, as the reference does at every run, or on
+        resume cut back to the checkpoint it continues (resume.trim_log says why)."""
         args = self.args
         resume.prepare_folders(args, self.start.kind, log=self.out)
         files.makedirs(args["models_dir"])
         files.makedirs(args["results_dir"])
         logs = os.path.join(args["models_dir"], "logs.txt")
-        if self.start.kind != "resume" or not files.exists(logs):
+        if self.start.kind == "resume" and files.exists(logs):
+            resume.trim_log(logs, self.start.iteration)
+        else:
             files.write_file(logs, b"")
 
     def loop(self, first, last_iter, next_input, crops, writer, bar):
