@@ -22,10 +22,10 @@ def uses_content(level: int) -> bool:
 
 
 def departures(args, start_kind: str = "scratch") -> list:
-    """Notes for the options that leave the reference's training (init=, loss=); a resumed level
-    initialises nothing."""
+    """Notes for the options that leave the reference's training (init=, loss=); a resumed level,
+    or one given all its weights by init_from=, initialises nothing."""
     notes = []
-    if args["init"] != "reference" and start_kind != "resume":
+    if args["init"] != "reference" and start_kind not in ("resume", "init_from"):
         notes.append(f"NOTE: init={args['init']}: the layers level {args['level']} adds start from He-normal "
                      f"weights, not the reference's N(0, 0.01)")
     if args["loss"] != "reference" and uses_content(args["level"]):

@@ -1,8 +1,8 @@
 """What a training run starts from and what it leaves to continue, decided from the files in
 models_dir alone (TensorFlow-free, so that train_model.py checks it before TensorFlow starts).
 
-* ``find_start(args)``: the run's start: from scratch, the level above's weights, or its own
-  resumed run.
+* ``find_start(args)``: the run's start: from scratch, the level above's weights, the weights
+  of ``init_from=``, or its own resumed run.
 * ``check_fresh_start`` / ``prepare_folders``: a fresh training run does not write into a
   folder where another run's checkpoints of its level would still count as "the latest".
 * ``trim_log``: logs.txt as far as the checkpoint a run resumes from.
@@ -101,7 +101,8 @@ def trim_log(path: str, iteration: int) -> int:
 # where a training run starts
 
 class Start:
-    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights) or "resume"."""
+    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights), "init_from" (the
+    weights of init_from=) or "resume"."""
 
     def __init__(self, kind, prefix=None, iteration=-1):
         self.kind, self.prefix, self.iteration = kind, prefix, iteration
@@ -128,7 +129,17 @@ def _resumed(args, log):
     if latest_model is not None and latest_model > done[-1]:
         log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
             f"resuming from iteration {done[-1]}")
+    if args.get("init_from"):
+        log(f"note: resume=true continues this level's own run in {models_dir}: init_from={args['init_from']} "
+            f"gave its first weights and is not read again")
     return Start("resume", checkpoints.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
+
+
+def _given(prefix):
+    if not files.exists(prefix + ".index"):
+        raise UserError(f"init_from={prefix}: no checkpoint there (expected {prefix}.index and its "
+                        f".data-00000-of-00001 file)")
+    return Start("init_from", prefix)
 
 
 def _handover(args):
@@ -153,6 +164,8 @@ def find_start(args, log=print) -> Start:
         if start is not None:
             return start
     check_fresh_start(args["models_dir"], args["level"], args.get("overwrite", False))
+    if args.get("init_from"):
+        return _given(args["init_from"])
     if args["level"] == 5:
         return Start("scratch")
     return _handover(args)

@@ -14,11 +14,13 @@ appended to models/logs.txt, visual results [prediction | target] in results/ an
 models/pynet_level_{L}_iteration_{I}.ckpt holding all 437 variables under the reference's keys.
 
 Added: a progress bar, TensorBoard summaries, ``resume=true`` (optimizer state and iteration
-count), one run per models_dir, a checkpoint on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
+count), ``init_from=`` (fine-tuning from given weights), one run per models_dir, a checkpoint
+on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
 atomic checkpoints, ``tf.distribute`` (mirrored / multi-worker), gradient accumulation,
 mixed precision and smaller patches.  See the README's training section.
 """
 
+import re
 import sys
 
 import cli
@@ -37,6 +39,14 @@ def _default_iters(values):
     return utils.NUM_DEFAULT_TRAIN_ITERS[values["level"]]
 
 
+def _checkpoint_prefix(text):
+    """A checkpoint as its prefix: "none" (or nothing) is None, and a file of it named instead
+    (tab completion gives pynet_level_0.ckpt.index) stands for its prefix."""
+    if text.lower() in ("", "none"):
+        return None
+    return re.sub(r"\.(index|data-\d{5}-of-\d{5})$", "", text)
+
+
 def _default_eval_batch(values):
     """batch_size / accum_steps"""
     return max(1, values["batch_size"] // max(1, values["accum_steps"]))
@@ -52,6 +62,9 @@ SPEC = [
     Arg("learning_rate", float, 5e-5, "Adam learning rate", check=cli.positive),
     Arg("restore_iter", cli.OPTIONAL_INT, None, "iteration of the level+1 checkpoint to start from; "
         "none = its latest one", check=cli.non_negative),
+    Arg("init_from", _checkpoint_prefix, None, "checkpoint the level starts from instead of the level above's "
+        "(fine-tuning): ours of any level or the authors' models/original/pynet_level_0.ckpt; none = the level "
+        "above's"),
     Arg("num_train_iters", int, _default_iters, "number of training iterations (the loop runs this + 1 steps)",
         check=cli.non_negative),
     utils.dataset_dir_arg(),
@@ -110,6 +123,9 @@ def parse_arguments(argv) -> dict:
     if args["resume"] and args["restore_iter"] is not None:
         raise UsageError("restore_iter picks the level+1 checkpoint a level starts from; resume=true continues "
                          "this level from its latest checkpoint: give one or the other")
+    if args["init_from"] is not None and args["restore_iter"] is not None:
+        raise UsageError("init_from gives the weights the level starts from; restore_iter picks the level+1 "
+                         "checkpoint it starts from otherwise: give one or the other")
     if args["devices"] and args["strategy"] != "mirrored":
         raise UsageError("devices= is for strategy=mirrored")
     return args

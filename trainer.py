@@ -213,6 +213,9 @@ class Trainer:
         they are."""
         start = self.start
         self.last_good = start.prefix if start.kind == "resume" else None  # a checkpoint with finite weights
+        if start.kind == "init_from":
+            # any checkpoint, named by no run of this folder: no earlier intact one to point to
+            checkpoints.load_checkpoint(self.model, start.prefix)
         with checkpoints.naming_intact(start.prefix or "", resume=start.kind == "resume"):
             if start.kind in ("handover", "resume"):
                 checkpoints.load_checkpoint(self.model, start.prefix)
@@ -224,6 +227,7 @@ class Trainer:
                 raise UserError(f"{checkpoints.state_prefix(start.prefix)}: holds iteration "
                                 f"{int(self.counters['iteration'].numpy())}, expected {start.iteration}")
         what = {"scratch": "from scratch", "handover": f"from {start.prefix}",
+                "init_from": f"from {start.prefix} (init_from)",
                 "resume": f"resuming after iteration {start.iteration} ({start.prefix})"}[start.kind]
         self.out(f"level {self.level}: {what}")
 

@@ -553,6 +553,17 @@ def _(tmp):
     return ["level=3", "vgg_dir=none"]
 
 
+@train_case("init_from naming no checkpoint", 1, r"init_from=.*absent\.ckpt: no checkpoint there \(expected "
+                                                  r".*absent\.ckpt\.index")
+def _(tmp):
+    return ["level=0", "loss=mse", f"init_from={tmp / 'absent.ckpt'}"]
+
+
+@train_case("init_from with restore_iter", 2, r"init_from gives the weights the level starts from; restore_iter")
+def _(tmp):
+    return ["level=0", "init_from=models/original/pynet_level_0.ckpt", "restore_iter=5"]
+
+
 @pytest.mark.parametrize("name", sorted(TRAIN_CASES))
 def test_train_refuses(name, sample_dataset, tmp_path, capsys):
     (tmp_path / "models").mkdir()
@@ -601,6 +612,15 @@ def test_damaged_checkpoints_are_named_at_handover_and_resume(model, trained, sa
     assert text.endswith(f"the latest intact level-5 checkpoint with its training state is "
                          f"{os.path.join(models, 'pynet_level_5_iteration_0.ckpt')}: move the files of "
                          f"pynet_level_5_iteration_3.ckpt away to resume from it")
+
+
+def test_a_damaged_init_from_is_one_line_and_leaves_nothing(model, sample_dataset, tmp_path):
+    given = tmp_path / "given" / "pynet_level_0.ckpt"
+    given.parent.mkdir()
+    (given.parent / "pynet_level_0.ckpt.index").write_bytes(b"not an index")
+    text = trainer_error(train_args(sample_dataset, tmp_path, init_from=given), model)
+    assert text.startswith(f"{given}.index: damaged, cannot read the checkpoint's index"), text
+    assert os.listdir(tmp_path) == ["given"]  # models_dir, made for the run's lock, went with it
 
 
 @pytest.mark.slow

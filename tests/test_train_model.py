@@ -224,9 +224,10 @@ def test_reference_options_print_no_notes():
     assert preflight.departures(train_model.parse_arguments(["level=0"])) == []
     # levels 5 and 4 are MSE alone in the reference too
     assert preflight.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
-    # a resumed level initialises nothing
+    # a resumed level initialises nothing, nor one given all its weights by init_from
     he = train_model.parse_arguments(["level=2", "init=he"])
-    assert len(preflight.departures(he)) == 1 and preflight.departures(he, "resume") == []
+    assert len(preflight.departures(he)) == 1
+    assert preflight.departures(he, "resume") == [] and preflight.departures(he, "init_from") == []
 
 
 def test_preflight_knows_the_levels_with_the_content_term():
