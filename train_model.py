@@ -25,6 +25,7 @@ import sys
 
 import cli
 import cluster as cluster_module
+import files
 import load_dataset
 import preflight
 import runtime
@@ -155,18 +156,27 @@ def smallest_batch(args) -> int:
     return max(1, min(per_worker, args["eval_batch_size"], utils.NUM_VISUAL))
 
 
+def checks_before_tensorflow(args) -> bool:
+    """Whether preflight's checks can run before TensorFlow starts, so that a mistake is one line
+    at once: not in a cluster, where they run in the Trainer so that a task's failure reaches
+    the others (which would wait for it otherwise), nor on paths only TensorFlow reads (gs://...)."""
+    paths = [args[name] for name in ("dataset_dir", "models_dir", "results_dir", "init_from") if args[name]]
+    return cluster_module.task_count() == 0 and not any(files.is_url(path) for path in paths)
+
+
 def main(argv):
     args = parse_arguments(argv)
     print("parameters:")
     cli.print_args({a.name: args[a.name] for a in SPEC})
-    print(load_dataset.describe_dataset(args["dataset_dir"]))
-    # One process alone makes its checks before TensorFlow starts, so that a missing dataset is
-    # one line and fast. The tasks of a cluster make them in the Trainer, where a task's failure
-    # reaches the others instead of leaving them waiting; TF_CONFIG is read through TensorFlow.
-    plan = preflight.check(args) if cluster_module.task_count() == 0 else None
+    early = checks_before_tensorflow(args)
+    if early:
+        print(load_dataset.describe_dataset(args["dataset_dir"]))
+    plan = preflight.check(args) if early else None
     try:
         runtime.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
         runtime.start_tensorflow()
+        if not early:
+            print(load_dataset.describe_dataset(args["dataset_dir"]))
         strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
         configure(args)
         print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")

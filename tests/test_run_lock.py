@@ -169,6 +169,19 @@ def test_a_missing_dataset_is_one_line_before_tensorflow_starts(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_the_checks_wait_for_tensorflow_only_where_they_need_it(monkeypatch):
+    """Before TensorFlow starts unless a path is one only TensorFlow reads, or the run is one task
+    of a cluster (whose checks run in the Trainer, where a failure reaches the other tasks)."""
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    early = lambda *argv: train_model.checks_before_tensorflow(train_model.parse_arguments(list(argv)))  # noqa: E731
+    assert early() and early("init_from=models/original/pynet_level_0.ckpt")
+    assert not early("dataset_dir=gs://bucket/raw_images/") and not early("models_dir=gs://bucket/models/")
+    assert not early("init_from=gs://bucket/pynet_level_0.ckpt")
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, '
+                                    '"task": {"type": "worker", "index": 0}}')
+    assert not early()
+
+
 def test_overwrite_says_what_it_deletes(tmp_path):
     """An earlier run killed before its first checkpoint left only its TensorBoard summaries."""
     models = tmp_path / "models"
