@@ -627,7 +627,8 @@ def test_a_damaged_init_from_is_one_line_and_leaves_nothing(model, sample_datase
 def test_a_run_gone_non_finite_writes_nothing_and_names_no_bad_checkpoint(model, sample_dataset, tmp_path):
     """learning_rate=inf: the first update makes every weight NaN while the step-0 training loss
     is still finite; the step-0 evaluation must stop the run before its checkpoint."""
-    args = train_args(sample_dataset, tmp_path, learning_rate="inf", num_train_iters=4, eval_step=2)
+    args = train_args(sample_dataset, tmp_path, num_train_iters=4, eval_step=2)
+    args["learning_rate"] = float("inf")  # past the parser, which refuses a non-finite number
     text = trainer_error(args, model)
     assert re.fullmatch(r"the test loss became (nan|inf) at iteration 0 of level 5: stopping without saving \(no "
                         r"checkpoint was written\); try a lower learning_rate", text), text
