@@ -315,9 +315,11 @@ def lost_peer(exc, cluster, when):
 # ---------------------------------------------------------------------------------------
 # one start point for every task
 
-START_KINDS = {"scratch": 0, "handover": 1, "resume": 2}
-# arguments that may differ between tasks (paths on each machine, display); all others must agree
-LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "progress", "tensorboard", "cluster_timeout"}
+START_KINDS = {"scratch": 0, "handover": 1, "resume": 2, "init_from": 3}
+# arguments that may differ between tasks (paths on each machine, display); all others must agree.
+# init_from's checkpoint is compared by its checksum in the start row, wherever each task has it.
+LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "init_from", "progress", "tensorboard",
+                   "cluster_timeout"}
 
 
 def _crc_of_file(path):
@@ -328,14 +330,16 @@ def _crc_of_file(path):
 
 def start_row(args, start):
     """A task's start point as numbers: [ready, kind, source level, source iteration, checksum of the
-    checkpoint's index (which holds every tensor's checksum), of its training state's index, of
-    the settings]. ``start`` None: this task failed before it could decide."""
+    checkpoint's index (which holds every tensor's checksum: the level above's, init_from's or
+    the resumed one), of its training state's index, of the settings]. ``start`` None: this
+    task failed before it could decide."""
     import zlib
 
     settings = json.dumps({k: v for k, v in args.items() if k not in LOCAL_ARGUMENTS}, sort_keys=True, default=str)
     if start is None:
         return [0, -1, -1, -1, 0, 0, zlib.crc32(settings.encode())]
-    level, iteration = checkpoints.parse_checkpoint_prefix(start.prefix) if start.prefix else (args["level"], -1)
+    named = checkpoints.parse_checkpoint_prefix(start.prefix) if start.prefix else None
+    level, iteration = named or (args["level"], -1)  # init_from's may be named otherwise
     state = _crc_of_file(checkpoints.state_prefix(start.prefix) + ".index") if start.kind == "resume" else 0
     model = _crc_of_file(start.prefix + ".index") if start.prefix else 0
     return [1, START_KINDS[start.kind], level, iteration, model, state, zlib.crc32(settings.encode())]
@@ -347,6 +351,8 @@ def describe_start(row, level):
         return f"level {level} from scratch"
     if kind == "handover":
         return f"level {level} from level {int(row[2])}'s iteration {int(row[3])}"
+    if kind == "init_from":
+        return f"level {level} from the checkpoint of init_from"
     return f"resuming level {level} after iteration {int(row[3])}"
 
 

@@ -10,7 +10,9 @@
    beside it: classical ISP | PyNET | the original photo,
 4. scores PyNET and the classical baseline ISP on the sample's test split (evaluate_accuracy.py),
 and prints where everything went. Each step prints the equivalent command line of the script it
-runs. Checkpoints go to models/quickstart/, away from real runs; running it again replaces them.
+runs. Checkpoints go to models/quickstart/, away from real runs; running it again replaces them,
+unless that folder holds checkpoints the quick start did not write (training continued there):
+then it stops and names them (overwrite=true deletes them).
 """
 
 import os
@@ -24,6 +26,7 @@ import camera
 import checkpoints
 import cli
 import evaluate_accuracy
+import files
 import images
 import load_dataset
 import make_sample_dataset
@@ -32,7 +35,7 @@ import runtime
 import test_model
 import utils
 import vgg
-from cli import Arg
+from cli import Arg, UserError
 
 # The quick start's own schedule, not the paper's (README, "The real thing", step 4): He-normal
 # initial weights, the MSE loss alone, a higher learning rate, small crops, and most of the time
@@ -76,6 +79,8 @@ ARGS = [
         "paper's N(0, 0.01)", choices=utils.INITS),
     Arg("loss", str, QUICK_LOSS, "loss of every level (train_model.py loss=): mse = the MSE term alone, "
         "reference = the paper's (with VGG-19 content and SSIM terms)", choices=utils.LOSSES),
+    Arg("overwrite", cli.BOOL, False, "delete the checkpoints in models_dir that the quick start did not write "
+        "(training continued there) instead of stopping"),
     Arg("seed", int, 0, "random seed of the sample dataset and of training"),
     Arg("train", int, 64, "training patches in the sample dataset", check=cli.positive),
     Arg("test", int, 16, "test patches in the sample dataset (the PSNR is their mean)", check=cli.positive),
@@ -137,6 +142,52 @@ def training_vgg(params, out=print) -> str:
         out(f"WARNING: {params['vgg_dir']} is absent, so levels 3 to 0 train WITHOUT the VGG-19 content loss "
             f"(vgg_dir=none), unlike the reference. See README, 'The real thing', for the file.")
         return "none"
+
+
+# ---------------------------------------------------------------------------------------
+# what the quick start wrote in its models_dir, so that running it again deletes nothing else
+
+RECORD = ".quickstart"  # in models_dir: lines "level iteration", how far the quick start trained each level
+
+
+def recorded_extent(models_dir: str) -> dict:
+    """{level: the last iteration the quick start trained it to in ``models_dir``}."""
+    path = os.path.join(models_dir, RECORD)
+    if not files.exists(path):
+        return {}
+    extent = {}
+    for line in files.read_bytes(path).decode("utf-8", "replace").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and all(f.isdigit() for f in fields):
+            extent[int(fields[0])] = max(extent.get(int(fields[0]), -1), int(fields[1]))
+    return extent
+
+
+def record_extent(models_dir: str, level: int, iteration: int) -> None:
+    """Note, before it trains, that the quick start trains ``level`` up to ``iteration``: its
+    checkpoints, even those of a run killed on the way, are then the quick start's own."""
+    extent = recorded_extent(models_dir)
+    extent[level] = max(extent.get(level, -1), iteration)
+    text = "".join(f"{lvl} {it}\n" for lvl, it in sorted(extent.items()))
+    files.write_file(os.path.join(models_dir, RECORD), text.encode())
+
+
+def foreign_checkpoints(models_dir: str) -> list:
+    """The checkpoints in ``models_dir`` beyond what the quick start recorded training there."""
+    extent = recorded_extent(models_dir)
+    return [os.path.basename(checkpoints.checkpoint_prefix(models_dir, level, i)) for level in utils.LEVELS
+            for i in checkpoints.checkpoint_iterations(level, models_dir) if i > extent.get(level, -1)]
+
+
+def check_models_dir(params) -> None:
+    """Every level's run deletes the level's checkpoints in models_dir (overwrite=true): refuse,
+    naming them, when some are not the quick start's, unless the user says overwrite=true."""
+    foreign = foreign_checkpoints(params["models_dir"])
+    if foreign and not params["overwrite"]:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{params['models_dir']} holds checkpoints the quick start did not write ({shown}): training "
+                        f"continued there, which running the quick start again would delete; move them to another "
+                        f"folder to keep them, or give overwrite=true to delete them and start afresh")
 
 
 def sample_dataset_argv(params) -> list:
@@ -243,6 +294,7 @@ def train_all_levels(params, vgg_dir: str) -> None:
         argv = train_argv(params, row, vgg_dir)
         start = announce(f"train level {row[0]}" + (" (resumed)" if row[5] else ""), "train_model.py", argv)
         args = train_model.parse_arguments(argv)
+        record_extent(params["models_dir"], row[0], row[1])
         if model is None:
             train_model.configure(args)
             model = PyNET(init=params["init"])
@@ -253,6 +305,7 @@ def train_all_levels(params, vgg_dir: str) -> None:
 def main(argv):
     params = cli.parse_args(argv, ARGS, "quickstart.py", __doc__.strip().splitlines()[0])
     began = time.time()
+    check_models_dir(params)
     # one process trains and then renders single photos: the choice must suit both
     runtime.select_cpu_kernels(training=True, smallest_batch=1)
     runtime.start_tensorflow()

@@ -1,80 +1,26 @@
-"""What a training run starts from and what it leaves to continue: the start point (scratch,
-the level above's weights, or its own resumed run), the training state saved beside each
-checkpoint, and one run per folder.
+"""What a training run starts from and what it leaves to continue, decided from the files in
+models_dir alone (TensorFlow-free, so that train_model.py checks it before TensorFlow starts).
 
-* ``find_start(args)``: the run's start, from the files in models_dir alone.
-* ``save_training_checkpoint`` / ``restore_state``: a training checkpoint with, beside it, the
-  training state (Adam's variables, the loop's counters) that resume=true restores.
+* ``find_start(args)``: the run's start: from scratch, the level above's weights, the weights
+  of ``init_from=``, or its own resumed run.
 * ``check_fresh_start`` / ``prepare_folders``: a fresh training run does not write into a
   folder where another run's checkpoints of its level would still count as "the latest".
+* ``trim_log``: logs.txt as far as the checkpoint a run resumes from.
+
+The training state beside each checkpoint is train_state.py's.
 """
 
 import os
-
-import tensorflow as tf
+import re
 
 import checkpoints
 import files
-from checkpoints import STATE_SUFFIX, all_or_nothing, read_verified, state_prefix
+from checkpoints import STATE_SUFFIX
 from cli import UserError
 
 # ---------------------------------------------------------------------------------------
-# a training checkpoint: the model's and, beside it, the training state resume=true restores
-
-def _rename_checkpoint_files(tmp_prefix, prefix):
-    folder = os.path.dirname(tmp_prefix) or "."
-    base = os.path.basename(tmp_prefix)
-    names = [n for n in files.listdir(folder) if n.startswith(base + ".")]
-    # data files first, the index last: a checkpoint is complete once its index exists
-    for name in sorted(names, key=lambda n: n.endswith(".index")):
-        files.rename(os.path.join(folder, name), prefix + name[len(base):])
-
-
-def state_variables(adam, counters):
-    """What resume=true restores besides the model: Adam's variables (iteration count and
-    moments, in order; ``adam`` is the one inside a LossScaleOptimizer) and the loop's counters."""
-    variables = {f"adam_{i:04d}": v for i, v in enumerate(adam.variables)}
-    variables.update(counters)
-    return variables
-
-
-def save_state(adam, counters, prefix):
-    """Write the training state of checkpoint ``prefix`` atomically (temporary name, renamed)."""
-    tmp = f"{state_prefix(prefix)}.tmp{os.getpid()}"
-    tf.train.Checkpoint(**state_variables(adam, counters)).write(tmp)
-    _rename_checkpoint_files(tmp, state_prefix(prefix))
-
-
-def restore_state(adam, counters, prefix):
-    """Read the training state written by save_state, checking that it fits this optimizer."""
-    path = state_prefix(prefix)
-    variables = state_variables(adam, counters)
-    values = read_verified(path)  # every tensor readable and finite, or one line naming the file
-    stored = {k.split("/")[0]: v.shape for k, v in values.items() if k.endswith("/.ATTRIBUTES/VARIABLE_VALUE")}
-    for name, var in variables.items():
-        if name not in stored or list(stored[name]) != list(var.shape):
-            raise UserError(f"{path}: the training state does not match this run ({name}); it was written for "
-                            f"another level or setting")
-    if len(stored) != len(variables):
-        raise UserError(f"{path}: the training state has {len(stored)} entries, this run {len(variables)}: "
-                        f"written for another level or setting")
-    tf.train.Checkpoint(**variables).read(path).assert_existing_objects_matched().expect_partial()
-
-
-def save_training_checkpoint(model, adam, counters, prefix):
-    """Training state first, then the model checkpoint (the reference's keys, all 437 variables),
-    each written under a temporary name and renamed. Non-finite weights are refused before
-    anything is written; a failed write (a full disk) leaves neither (all_or_nothing)."""
-    checkpoints.check_finite(model, prefix)  # before the training state is written
-    with all_or_nothing(prefix):
-        save_state(adam, counters, prefix)
-        checkpoints.save_checkpoint(model, prefix, finite_checked=True)
-
-
-
-
-# ---------------------------------------------------------------------------------------
 # one run per folder and level
+
 
 def check_fresh_start(models_dir: str, level: int, overwrite: bool = False) -> None:
     """A run that starts a level afresh refuses a folder that already holds checkpoints of that
@@ -87,41 +33,76 @@ def check_fresh_start(models_dir: str, level: int, overwrite: bool = False) -> N
                         f"another models_dir, or give overwrite=true to delete them first")
 
 
-def clear_level(models_dir: str, level: int) -> list:
-    """Delete the level's checkpoints (with their training states) and TensorBoard summaries."""
-    removed = []
+def summaries_dir(models_dir: str, level: int) -> str:
+    return os.path.join(models_dir, "tensorboard", f"level_{level}")
+
+
+def clear_level(models_dir: str, level: int):
+    """Delete the level's checkpoints (with their training states) and TensorBoard summaries.
+    Returns (the checkpoint prefixes deleted, the summaries' folder or None)."""
+    prefixes = set()
     for name in sorted(files.listdir(models_dir)) if files.isdir(models_dir) else []:
         stem = name.split(".ckpt", 1)[0] + ".ckpt"
         parsed = checkpoints.parse_checkpoint_prefix(stem)
         if ".ckpt" in name and parsed is not None and parsed[0] == level:
             files.remove(os.path.join(models_dir, name), missing_ok=True)
-            removed.append(name)
-    summaries = os.path.join(models_dir, "tensorboard", f"level_{level}")
+            prefixes.add(stem)
+    summaries = summaries_dir(models_dir, level)
     if files.isdir(summaries):
         files.remove(summaries)
-        removed.append(summaries)
-    return removed
+    else:
+        summaries = None
+    return sorted(prefixes), summaries
 
 
 def prepare_folders(args, start_kind: str, log=print) -> None:
     """At the start of a training run (the writing process): temporaries of killed runs removed
     from models_dir and results_dir, and with overwrite=true (when not resuming) the level's
-    earlier checkpoints deleted."""
+    earlier checkpoints and TensorBoard summaries deleted, saying which."""
     for name in ("models_dir", "results_dir"):
         files.remove_stale_temps(args[name])
-    if args.get("overwrite") and start_kind != "resume":
-        removed = clear_level(args["models_dir"], args["level"])
-        if removed:
-            count = len({n.split(".ckpt", 1)[0] for n in removed if ".ckpt" in n})
-            log(f"overwrite=true: deleted {count} level-{args['level']} checkpoint(s) of an earlier run from "
-                f"{args['models_dir']}")
+    if not args.get("overwrite") or start_kind == "resume":
+        return
+    level, models_dir = args["level"], args["models_dir"]
+    prefixes, summaries = clear_level(models_dir, level)
+    deleted = [f"{len(prefixes)} level-{level} checkpoint(s)"] if prefixes else []
+    if summaries:
+        deleted.append(f"the level-{level} TensorBoard summaries ({summaries})")
+    if deleted:
+        log(f"overwrite=true: deleted {' and '.join(deleted)} of an earlier run from {models_dir}")
 
 
 # ---------------------------------------------------------------------------------------
-# where a training run starts: scratch, the level above's weights, or its own resumed run
+# logs.txt
+
+_LOG_STEP = re.compile(r"^step (\d+) \|")
+
+
+def trim_log(path: str, iteration: int) -> int:
+    """Drop the lines of logs.txt past ``iteration``, the checkpoint a run resumes from; returns
+    how many went.
+
+    A run appends an evaluation's line before it writes that iteration's checkpoint, so a run
+    killed between the two leaves a line that its resumed run logs again. Trimming on resume
+    keeps every step up to the checkpoint, each once. Logging once the checkpoint is in place
+    would leave a hole instead (killed between the checkpoint and its line, the resumed run
+    starts after that step) and lose the line of an evaluation whose checkpoint failed (NaN
+    weights, a full disk), the line that shows why."""
+    if not files.exists(path):
+        return 0
+    lines = files.read_bytes(path).decode("utf-8", "replace").splitlines(keepends=True)
+    kept = [line for line in lines if not ((m := _LOG_STEP.match(line)) and int(m.group(1)) > iteration)]
+    if len(kept) != len(lines):
+        files.write_file(path, "".join(kept).encode())
+    return len(lines) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------
+# where a training run starts
 
 class Start:
-    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights) or "resume"."""
+    """How a run begins: ``kind`` is "scratch", "handover" (level+1 weights), "init_from" (the
+    weights of init_from=) or "resume"."""
 
     def __init__(self, kind, prefix=None, iteration=-1):
         self.kind, self.prefix, self.iteration = kind, prefix, iteration
@@ -136,23 +117,33 @@ def resumable_iterations(models_dir, level):
     return [i for i in checkpoints.checkpoint_iterations(level, models_dir) if i in states]
 
 
-def find_start(args, log=print) -> Start:
-    """Decide what the run starts from, or raise a one-line UserError."""
+def _resumed(args, log):
+    """The Start of resume=true, or None when the level has nothing to resume."""
     level, models_dir = args["level"], args["models_dir"]
-    if args["resume"]:
-        done = resumable_iterations(models_dir, level)
-        if done:
-            latest_model = checkpoints.get_last_iter(level, models_dir)
-            if latest_model is not None and latest_model > done[-1]:
-                log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
-                    f"resuming from iteration {done[-1]}")
-            return Start("resume", checkpoints.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
+    done = resumable_iterations(models_dir, level)
+    if not done:
         log(f"note: resume=true but no level-{level} checkpoint with training state in {models_dir}: "
             f"starting level {level} from the beginning")
-    check_fresh_start(models_dir, level, args.get("overwrite", False))
-    if level == 5:
-        return Start("scratch")
-    upper = level + 1
+        return None
+    latest_model = checkpoints.get_last_iter(level, models_dir)
+    if latest_model is not None and latest_model > done[-1]:
+        log(f"note: pynet_level_{level}_iteration_{latest_model}.ckpt has no training state; "
+            f"resuming from iteration {done[-1]}")
+    if args.get("init_from"):
+        log(f"note: resume=true continues this level's own run in {models_dir}: init_from={args['init_from']} "
+            f"gave its first weights and is not read again")
+    return Start("resume", checkpoints.checkpoint_prefix(models_dir, level, done[-1]), done[-1])
+
+
+def _given(prefix):
+    if not files.exists(prefix + ".index"):
+        raise UserError(f"init_from={prefix}: no checkpoint there (expected {prefix}.index and its "
+                        f".data-00000-of-00001 file)")
+    return Start("init_from", prefix)
+
+
+def _handover(args):
+    models_dir, upper = args["models_dir"], args["level"] + 1
     iteration = args["restore_iter"]
     if iteration is None:
         iteration = checkpoints.get_last_iter(upper, models_dir)
@@ -164,3 +155,17 @@ def find_start(args, log=print) -> Start:
         raise UserError(f"{prefix}: no such checkpoint (restore_iter={iteration}); "
                         f"the latest level-{upper} one is iteration {checkpoints.get_last_iter(upper, models_dir)}")
     return Start("handover", prefix)
+
+
+def find_start(args, log=print) -> Start:
+    """Decide what the run starts from, or raise a one-line UserError."""
+    if args["resume"]:
+        start = _resumed(args, log)
+        if start is not None:
+            return start
+    check_fresh_start(args["models_dir"], args["level"], args.get("overwrite", False))
+    if args.get("init_from"):
+        return _given(args["init_from"])
+    if args["level"] == 5:
+        return Start("scratch")
+    return _handover(args)

@@ -30,13 +30,13 @@ class Steps:
     Under a strategy each replica's loss is the sum of its per-image losses divided by the
     GLOBAL batch size (batch_size), so that the all-reduced (summed) gradient, and the sum over
     accumulation steps, equal the gradient of the batch mean on one device. On one device
-    the steps call the replica function directly: no strategy.run / reduce in the graph.
+    the steps call the replica methods directly: no strategy.run / reduce in the graph.
     """
 
     def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision, xla=False,
                  distributed=None, loss_kind="reference"):
         self.strategy, self.view, self.optimizer = strategy, view, optimizer
-        self.level, self.vgg, self.accum_steps = level, vgg, accum_steps
+        self.level, self.vgg, self.accum_steps, self.loss_kind = level, vgg, accum_steps, loss_kind
         self.global_batch = float(batch_size)
         self.mixed = mixed_precision
         self.trainable = view.trainable_variables
@@ -51,62 +51,84 @@ class Steps:
                                 synchronization=tf.VariableSynchronization.ON_READ,
                                 aggregation=tf.VariableAggregation.SUM, name=f"accum_{i}")
                     for i, v in enumerate(self.trainable)]
-        sum_ = tf.distribute.ReduceOp.SUM
-
-        def loss_and_grads(raw, target):
-            with tf.GradientTape() as tape:
-                enhanced = view(raw, training=True)
-                per_image, _ = losses.level_loss_per_image(level, enhanced, target, vgg, vgg is not None,
-                                                           loss_kind)
-                loss = tf.reduce_sum(per_image) / self.global_batch
-                scaled = optimizer.scale_loss(loss) if self.mixed else loss
-            return loss, tape.gradient(scaled, self.trainable)
-
-        def replica_step(raw, target):
-            loss, grads = loss_and_grads(raw, target)
-            optimizer.apply_gradients(zip(grads, self.trainable))
-            return loss
-
-        def replica_accumulate(raw, target):
-            loss, grads = loss_and_grads(raw, target)
-            for acc, grad in zip(self.accumulators, grads):
-                acc.assign_add(grad)
-            return loss
-
-        def replica_apply():
-            grads = [acc.read_value() for acc in self.accumulators]
-            optimizer.apply_gradients(zip(grads, self.trainable))
-            with tf.control_dependencies(grads):
-                for acc in self.accumulators:
-                    acc.assign(tf.zeros_like(acc))
-
-        def compiled(fn):
-            return tf.function(fn, jit_compile=xla or None)
-
+        compiled = lambda fn: tf.function(fn, jit_compile=xla or None)
         if distributed:
-            step = compiled(lambda batch: strategy.reduce(sum_, strategy.run(replica_step, args=batch), axis=None))
-            accumulate = compiled(
-                lambda batch: strategy.reduce(sum_, strategy.run(replica_accumulate, args=batch), axis=None))
-            apply = compiled(lambda: strategy.run(replica_apply))
+            self._step = compiled(self.distributed_step)
+            self._accumulate = compiled(self.distributed_accumulate)
+            self._apply = compiled(self.distributed_apply)
         else:
-            step = compiled(lambda batch: replica_step(*batch))
-            accumulate = compiled(lambda batch: replica_accumulate(*batch))
-            apply = compiled(replica_apply)
+            self._step = compiled(self.local_step)
+            self._accumulate = compiled(self.local_accumulate)
+            self._apply = compiled(self.replica_apply)
+        self._evaluate = compiled(self.evaluate_batch)
 
-        @compiled
-        def evaluate(raw, target):
-            enhanced = tf.cast(view(raw, training=False), tf.float32)
-            total, parts = losses.level_loss(level, enhanced, target, vgg, vgg is not None, loss_kind)
-            out = {"loss": total, "mse": parts["mse"], "psnr": losses.psnr_from_mse(parts["mse"])}
-            if vgg is not None:
-                out["content"] = parts["content"] if "content" in parts else losses.content_loss(vgg, enhanced, target)
-            ms = losses.ms_ssim(enhanced, target)
-            if ms is not None:
-                out["ms_ssim"] = ms
-            return out
+    # -- what each replica runs (in a graph) ---------------------------------------------------
 
-        self._step, self._accumulate, self._apply = step, accumulate, apply
-        self.evaluate = evaluate
+    def loss_and_grads(self, raw, target):
+        with tf.GradientTape() as tape:
+            enhanced = self.view(raw, training=True)
+            per_image, _ = losses.level_loss_per_image(self.level, enhanced, target, self.vgg, self.vgg is not None,
+                                                       self.loss_kind)
+            loss = tf.reduce_sum(per_image) / self.global_batch
+            scaled = self.optimizer.scale_loss(loss) if self.mixed else loss
+        return loss, tape.gradient(scaled, self.trainable)
+
+    def replica_step(self, raw, target):
+        loss, grads = self.loss_and_grads(raw, target)
+        self.optimizer.apply_gradients(zip(grads, self.trainable))
+        return loss
+
+    def replica_accumulate(self, raw, target):
+        loss, grads = self.loss_and_grads(raw, target)
+        for acc, grad in zip(self.accumulators, grads):
+            acc.assign_add(grad)
+        return loss
+
+    def replica_apply(self):
+        grads = [acc.read_value() for acc in self.accumulators]
+        self.optimizer.apply_gradients(zip(grads, self.trainable))
+        with tf.control_dependencies(grads):
+            for acc in self.accumulators:
+                acc.assign(tf.zeros_like(acc))
+
+    def evaluate_batch(self, raw, target):
+        enhanced = tf.cast(self.view(raw, training=False), tf.float32)
+        vgg = self.vgg
+        total, parts = losses.level_loss(self.level, enhanced, target, vgg, vgg is not None, self.loss_kind)
+        out = {"loss": total, "mse": parts["mse"], "psnr": losses.psnr_from_mse(parts["mse"])}
+        if vgg is not None:
+            out["content"] = parts["content"] if "content" in parts else losses.content_loss(vgg, enhanced, target)
+        ms = losses.ms_ssim(enhanced, target)
+        if ms is not None:
+            out["ms_ssim"] = ms
+        return out
+
+    # -- one device: the replica methods themselves; a strategy: run on every replica, summed --
+
+    def local_step(self, batch):
+        return self.replica_step(*batch)
+
+    def local_accumulate(self, batch):
+        return self.replica_accumulate(*batch)
+
+    def _summed(self, replica_fn, batch):
+        per_replica = self.strategy.run(replica_fn, args=batch)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def distributed_step(self, batch):
+        return self._summed(self.replica_step, batch)
+
+    def distributed_accumulate(self, batch):
+        return self._summed(self.replica_accumulate, batch)
+
+    def distributed_apply(self):
+        self.strategy.run(self.replica_apply)
+
+    # -- called by the trainer -----------------------------------------------------------------
+
+    def evaluate(self, raw, target):
+        """The level's loss and metrics of one test batch (compiled)."""
+        return self._evaluate(raw, target)
 
     def train_step(self, next_input):
         """One optimizer step; ``next_input()`` returns the next (distributed) micro-batch.

@@ -14,16 +14,20 @@ appended to models/logs.txt, visual results [prediction | target] in results/ an
 models/pynet_level_{L}_iteration_{I}.ckpt holding all 437 variables under the reference's keys.
 
 Added: a progress bar, TensorBoard summaries, ``resume=true`` (optimizer state and iteration
-count), a checkpoint on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
+count), ``init_from=`` (fine-tuning from given weights), one run per models_dir, a checkpoint
+on Ctrl-C / SIGTERM, a stop with a clear message on a NaN/Inf loss,
 atomic checkpoints, ``tf.distribute`` (mirrored / multi-worker), gradient accumulation,
 mixed precision and smaller patches.  See the README's training section.
 """
 
+import re
 import sys
 
 import cli
 import cluster as cluster_module
+import files
 import load_dataset
+import preflight
 import runtime
 import utils
 from cli import Arg, UsageError
@@ -34,6 +38,14 @@ STRATEGIES = ("auto", "one", "mirrored", "multi_worker")
 def _default_iters(values):
     """per level: 100000, 35000, 20000, 20000, 5000, 5000 for levels 0..5"""
     return utils.NUM_DEFAULT_TRAIN_ITERS[values["level"]]
+
+
+def _checkpoint_prefix(text):
+    """A checkpoint as its prefix: "none" (or nothing) is None, and a file of it named instead
+    (tab completion gives pynet_level_0.ckpt.index) stands for its prefix."""
+    if text.lower() in ("", "none"):
+        return None
+    return re.sub(r"\.(index|data-\d{5}-of-\d{5})$", "", text)
 
 
 def _default_eval_batch(values):
@@ -51,6 +63,9 @@ SPEC = [
     Arg("learning_rate", float, 5e-5, "Adam learning rate", check=cli.positive),
     Arg("restore_iter", cli.OPTIONAL_INT, None, "iteration of the level+1 checkpoint to start from; "
         "none = its latest one", check=cli.non_negative),
+    Arg("init_from", _checkpoint_prefix, None, "checkpoint the level starts from instead of the level above's "
+        "(fine-tuning): ours of any level or the authors' models/original/pynet_level_0.ckpt; none = the level "
+        "above's"),
     Arg("num_train_iters", int, _default_iters, "number of training iterations (the loop runs this + 1 steps)",
         check=cli.non_negative),
     utils.dataset_dir_arg(),
@@ -109,6 +124,9 @@ def parse_arguments(argv) -> dict:
     if args["resume"] and args["restore_iter"] is not None:
         raise UsageError("restore_iter picks the level+1 checkpoint a level starts from; resume=true continues "
                          "this level from its latest checkpoint: give one or the other")
+    if args["init_from"] is not None and args["restore_iter"] is not None:
+        raise UsageError("init_from gives the weights the level starts from; restore_iter picks the level+1 "
+                         "checkpoint it starts from otherwise: give one or the other")
     if args["devices"] and args["strategy"] != "mirrored":
         raise UsageError("devices= is for strategy=mirrored")
     return args
@@ -138,19 +156,36 @@ def smallest_batch(args) -> int:
     return max(1, min(per_worker, args["eval_batch_size"], utils.NUM_VISUAL))
 
 
+def checks_before_tensorflow(args) -> bool:
+    """Whether preflight's checks can run before TensorFlow starts, so that a mistake is one line
+    at once: not in a cluster, where they run in the Trainer so that a task's failure reaches
+    the others (which would wait for it otherwise), nor on paths only TensorFlow reads (gs://...)."""
+    paths = [args[name] for name in ("dataset_dir", "models_dir", "results_dir", "init_from") if args[name]]
+    return cluster_module.task_count() == 0 and not any(files.is_url(path) for path in paths)
+
+
 def main(argv):
     args = parse_arguments(argv)
     print("parameters:")
     cli.print_args({a.name: args[a.name] for a in SPEC})
-    runtime.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
-    runtime.start_tensorflow()
-    print(load_dataset.describe_dataset(args["dataset_dir"]))
-    strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
-    configure(args)
-    print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
-    from trainer import Trainer  # here: it starts TensorFlow, after runtime's settings
+    early = checks_before_tensorflow(args)
+    if early:
+        print(load_dataset.describe_dataset(args["dataset_dir"]))
+    plan = preflight.check(args) if early else None
+    try:
+        runtime.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
+        runtime.start_tensorflow()
+        if not early:
+            print(load_dataset.describe_dataset(args["dataset_dir"]))
+        strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])
+        configure(args)
+        print(f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s)")
+        from trainer import Trainer  # here: it starts TensorFlow, after runtime's settings
 
-    Trainer(args, strategy).run()
+        Trainer(args, strategy, plan=plan).run()
+    finally:
+        if plan is not None:
+            plan.release()
 
 
 if __name__ == "__main__":

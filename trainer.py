@@ -1,29 +1,31 @@
 """The training of one level: what train_model.py runs once its arguments are checked.
 
-``Trainer(args, strategy)`` sets everything up (cheap checks first: folders, the VGG file, the
-start point, the data) and ``run()`` trains: the reference's loop, evaluation, log line,
-visual results and checkpoints, plus resume, Ctrl-C / SIGTERM and several workers.
+``Trainer(args, strategy)`` sets everything up (preflight.check's cheap checks first, unless
+train_model.py made them before TensorFlow started) and ``run()`` trains: the reference's
+loop, evaluation, log line, visual results and checkpoints, plus resume, Ctrl-C / SIGTERM and
+several workers (through a coordinator, coordination.py, that does nothing for one process).
 """
 
-import contextlib
 import os
 import signal
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
 import checkpoints
-import cluster as cluster_module
+import coordination
 import data_pipeline
 import files
 import images
 import load_dataset
-import losses
+import preflight
 import resume
+import train_state
 import utils
 import vgg
 from cli import UsageError, UserError
@@ -47,13 +49,6 @@ class TrainingStopped(UserError):
 # ---------------------------------------------------------------------------------------
 # data
 
-def check_eval_batch(args, num_test):
-    if num_test < args["eval_batch_size"]:
-        raise UserError(f"eval_batch_size={args['eval_batch_size']} is larger than the {num_test} test patches of "
-                        f"{args['dataset_dir']}: the evaluation uses full batches only (as the reference); lower "
-                        f"batch_size or eval_batch_size")
-
-
 def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indices=None):
     """The training stream, positioned after ``start_step`` optimizer steps (for resume=true).
     The plan is that of optimizer steps of batch_size samples (subset redraws included), cut
@@ -67,14 +62,10 @@ def train_data(args, start_step: int = 0, shard=(0, 1), replica_batch=None, indi
         shard=shard, out_batch=replica_batch, indices=indices)
 
 
-def test_data(args):
-    """The test split (checked file by file) in batches of eval_batch_size, its error log and
-    the indices of its usable patches."""
-    indices = load_dataset.check_dataset(args["dataset_dir"], "test", skip_bad=args["skip_bad"], deep=True)
-    ds, log = data_pipeline.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
-                                        patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
-    check_eval_batch(args, len(indices))
-    return ds, log, indices
+def test_data(args, indices):
+    """The test split's usable patches ``indices`` in batches of eval_batch_size, and its error log."""
+    return data_pipeline.test_dataset(args["dataset_dir"], args["level"], args["eval_batch_size"],
+                                      patch=args["patch_size"], skip_bad=args["skip_bad"], indices=indices)
 
 
 def visual_crops(args, test_indices):
@@ -146,23 +137,6 @@ class StopRequest:
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
-NO_VGG_WARNING = ("WARNING: vgg_dir=none: level {level} trains WITHOUT the VGG-19 content loss that the "
-                  "reference uses at levels 3 to 0; results will differ from the paper's")
-
-
-def departures(args, resumed=False) -> list:
-    """Notes for the options that leave the reference's training (init=, loss=); a resumed
-    level initialises nothing."""
-    notes = []
-    if args["init"] != "reference" and not resumed:
-        notes.append(f"NOTE: init={args['init']}: the layers level {args['level']} adds start from He-normal "
-                     f"weights, not the reference's N(0, 0.01)")
-    if args["loss"] != "reference" and losses.LEVEL_WEIGHTS[args["level"]][1:] != (0.0, 0.0):
-        notes.append(f"NOTE: loss={args['loss']}: level {args['level']} trains on its MSE term alone, not the "
-                     f"reference's loss")
-    return notes
-
-
 # ---------------------------------------------------------------------------------------
 # the trainer
 
@@ -171,32 +145,54 @@ class Trainer:
     """Everything a run needs, set up in ``__init__`` (cheap checks first), run by ``run()``.
 
     ``model`` may be passed in (a full PyNET built in ``strategy``'s scope) to reuse one across
-    runs; ``stop`` is a StopRequest; ``on_step(i, loss)`` is called after each step (tests).
+    runs; ``stop`` is a StopRequest; ``on_step(i, loss)`` is called after each step (tests);
+    ``plan`` is preflight.check's result when the caller made the checks. The writing process
+    holds models_dir (run_lock) from the checks until run() ends, the setup fails or the
+    Trainer is dropped.
     """
 
-    def __init__(self, args, strategy=None, model=None, stop=None, on_step=None, out=print):
+    def __init__(self, args, strategy=None, model=None, stop=None, on_step=None, out=print, plan=None):
         self.args, self.out = args, out
         self.level = args["level"]
         self.strategy = strategy or tf.distribute.get_strategy()
-        self.cluster = cluster_module.multi_worker_cluster(self.strategy)
-        self.chief = self.cluster.is_chief if self.cluster is not None else cluster_module.is_chief()
+        self.team = coordination.coordinator(self.strategy)
+        self.chief = self.team.chief
         self.stop = stop or StopRequest()
         self.on_step = on_step
         self.replicas = self.strategy.num_replicas_in_sync
-        self.distributed = self.replicas > 1 or self.cluster is not None
-
-        failure = None
+        self.distributed = self.replicas > 1 or self.team.tasks > 1
+        self.plan = plan
         try:
-            self.prepare()
-        except UserError as err:
-            if self.cluster is None:
-                raise
-            failure = err  # said after the others learn of it, so that no task waits for this one
-        if self.cluster is not None:
-            self.agree_on_start(failure)
+            self.team.agree_on_start(lambda: self.prepare(plan), args)
+            self.build(model)
+            self.restore_start()
+        except BaseException:
+            self.release()
+            raise
+        # a Trainer set up but never run (tests, benchmarks) gives the folder up when dropped
+        weakref.finalize(self, self.plan.release)
 
+    def prepare(self, plan=None):
+        """The checks (preflight.check, unless their ``plan`` is given), those that need the
+        strategy, and the input pipelines of one device; returns the start point."""
+        args = self.args
+        self.plan = plan or preflight.check(args, writer=self.chief, out=self.out)
+        self.start = self.plan.start
+        if micro_batch(args) % self.replicas:
+            raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {self.replicas} "
+                             f"replicas of the strategy")
+        self.test_ds, self.test_log = test_data(args, self.plan.test_indices)
+        if not self.distributed:  # under a strategy, each input pipeline is built in run() for its share
+            self.train_ds, self.train_log = train_data(args, self.start.iteration + 1,
+                                                       indices=self.plan.train_indices)
+        return self.start
+
+    def build(self, model):
+        """The model (``model``, or a new PyNET), the level's view of it, the VGG-19 of the
+        content loss, a fresh Adam, the loop's counters and the compiled steps."""
+        args = self.args
         with self.strategy.scope():
-            self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.needs_vgg else None
+            self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.plan.needs_vgg else None
             if model is None:
                 model = PyNET(instance_norm=True, instance_norm_level_1=False, init=args["init"])
             self.model = model
@@ -211,60 +207,34 @@ class Trainer:
         self.steps = Steps(self.strategy, self.view, self.optimizer, self.level, self.vgg, args["batch_size"],
                            args["accum_steps"], args["mixed_precision"], args["xla"], self.distributed,
                            loss_kind=args["loss"])
-        self.restore_start()
-
-    def prepare(self):
-        """The cheap checks, in order: output folders, the VGG file, the start point, the data."""
-        args, out = self.args, self.out
-        for name in ("models_dir", "results_dir"):
-            files.check_output_dir(args[name], name)
-        self.needs_vgg = losses.uses_content(self.level) and args["loss"] == "reference"
-        if self.needs_vgg and args["vgg_dir"].lower() == "none":
-            out(NO_VGG_WARNING.format(level=self.level))
-            self.needs_vgg = False
-        if self.needs_vgg:
-            vgg.weights_file(args["vgg_dir"])  # missing, or a folder without the file: said before any work
-        self.start = resume.find_start(args, log=out)
-        for line in departures(args, resumed=self.start.kind == "resume"):
-            out(line)
-        if micro_batch(args) % self.replicas:
-            raise UsageError(f"batch_size / accum_steps = {micro_batch(args)} is not divisible by the {self.replicas} "
-                             f"replicas of the strategy")
-        self.test_ds, self.test_log, self.test_indices = test_data(args)
-        self.train_indices = load_dataset.check_dataset(args["dataset_dir"], "train", skip_bad=args["skip_bad"])
-        if not self.distributed:  # under a strategy, each input pipeline is built in run() for its share
-            self.train_ds, self.train_log = train_data(args, self.start.iteration + 1, indices=self.train_indices)
-
-    def agree_on_start(self, failure):
-        """Every task must start from what the chief starts from (same kind, checkpoint files and
-        settings): compared across the tasks before anything is built or written; on a
-        difference every task stops with one line."""
-        row = cluster_module.start_row(self.args, None if failure is not None else self.start)
-        with self.lost_peer("before training"):
-            rows = cluster_module.exchange(self.strategy, self.cluster, row)
-        if failure is not None:
-            raise failure
-        problem = cluster_module.start_disagreement(rows, self.cluster, self.args)
-        if problem:
-            raise UserError(problem)
 
     def restore_start(self):
-
+        """Load the weights the run starts from (and, resuming, the training state); say what
+        they are."""
         start = self.start
         self.last_good = start.prefix if start.kind == "resume" else None  # a checkpoint with finite weights
+        if start.kind == "init_from":
+            # any checkpoint, named by no run of this folder: no earlier intact one to point to
+            checkpoints.load_checkpoint(self.model, start.prefix)
         with checkpoints.naming_intact(start.prefix or "", resume=start.kind == "resume"):
             if start.kind in ("handover", "resume"):
                 checkpoints.load_checkpoint(self.model, start.prefix)
             if start.kind == "resume":
-                resume.restore_state(base_optimizer(self.optimizer), self.counters, start.prefix)
+                train_state.restore_state(base_optimizer(self.optimizer), self.counters, start.prefix)
         if start.kind == "resume":
             base_optimizer(self.optimizer).learning_rate = self.args["learning_rate"]
             if int(self.counters["iteration"].numpy()) != start.iteration:
                 raise UserError(f"{checkpoints.state_prefix(start.prefix)}: holds iteration "
                                 f"{int(self.counters['iteration'].numpy())}, expected {start.iteration}")
         what = {"scratch": "from scratch", "handover": f"from {start.prefix}",
+                "init_from": f"from {start.prefix} (init_from)",
                 "resume": f"resuming after iteration {start.iteration} ({start.prefix})"}[start.kind]
         self.out(f"level {self.level}: {what}")
+
+    def release(self):
+        """Give models_dir up (idempotent)."""
+        if self.plan is not None:
+            self.plan.release()
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -296,69 +266,33 @@ class Trainer:
 
     def run(self):
         """Train; returns the last good checkpoint (the last one this task wrote, else the one it
-        resumed from), None when there is none."""
+        resumed from), None when there is none. models_dir is given up at the end."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self):
         args, level = self.args, self.level
-        models_dir = args["models_dir"]
         last_iter = args["num_train_iters"]
         first = int(self.counters["iteration"].numpy()) + 1  # 0, or the step after the resumed one
         if self.chief:
-            resume.prepare_folders(args, self.start.kind, log=self.out)
-            files.makedirs(models_dir)
-            files.makedirs(args["results_dir"])
-            # The reference truncates logs.txt at the start of every run; resuming appends.
-            logs = os.path.join(models_dir, "logs.txt")
-            if self.start.kind != "resume" or not files.exists(logs):
-                files.write_file(logs, b"")
+            self.open_folders()
         if first > last_iter:
             self.out(f"level {level} already has {first} of {last_iter + 1} steps: nothing to do")
             return self.last_good
 
-        test_ds, test_log = self.test_ds, self.test_log
-        crops = visual_crops(args, self.test_indices)
+        crops = visual_crops(args, self.plan.test_indices)
         iterator, train_log = self.train_input(first)
         writer = None
         if args["tensorboard"] and self.chief:
-            writer = tf.summary.create_file_writer(os.path.join(models_dir, "tensorboard", f"level_{level}"))
-
+            writer = tf.summary.create_file_writer(resume.summaries_dir(args["models_dir"], level))
         restore_handlers = self.stop.install()
         bar = None
         try:
             bar = tqdm(total=last_iter + 1, initial=first, unit="it", desc=f"level {level}", file=sys.stderr,
                        disable=not args["progress"], dynamic_ncols=True)
-            wait_total, step_total = 0.0, 0.0
-            for i in range(first, last_iter + 1):
-                t0 = time.perf_counter()
-                with self.lost_peer(f"during iteration {i} of level {level}"):
-                    loss, waited = self.steps.train_step(lambda: next_batch(iterator, train_log))
-                    if self.cluster is not None:
-                        self.stop.reason = self.agreed_stop()
-                step_total += time.perf_counter() - t0
-                wait_total += waited
-                if not np.isfinite(loss):
-                    raise self.nonfinite_stop(f"the training loss became {loss}", i)
-                self.counters["iteration"].assign(i)
-                self.counters["loss_sum"].assign_add(loss)
-                self.counters["loss_count"].assign_add(1)
-                if writer is not None:
-                    with writer.as_default(step=i):
-                        tf.summary.scalar("train/loss", loss)
-                count = int(self.counters["loss_count"].numpy())
-                bar.set_postfix(loss=f"{float(self.counters['loss_sum'].numpy()) / count:.4g}",
-                                input_wait=f"{100 * wait_total / max(step_total, 1e-9):.0f}%", refresh=False)
-                bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(i, loss)
-                if i % args["eval_step"] == 0 or i == last_iter:
-                    self.checkpoint(i, test_ds, test_log, crops, writer, bar)
-                elif self.stop.reason is not None:
-                    self.save(i)
-                if self.stop.reason is not None and i < last_iter:
-                    self.barrier(f"after iteration {i} of level {level}")
-                    saved = f"saved {self.last_good}" if self.chief else \
-                        f"the chief ({self.cluster.chief.name}) saved iteration {i} in its models_dir"
-                    raise TrainingStopped(f"stopped by {self.stop.reason} after iteration {i} of level {level}; "
-                                          f"{saved}: continue with resume=true")
-            self.barrier(f"after iteration {last_iter} of level {level}")
+            self.loop(first, last_iter, lambda: next_batch(iterator, train_log), crops, writer, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -367,12 +301,58 @@ class Trainer:
                 writer.close()
         return self.last_good
 
-    def barrier(self, when):
-        """With several tasks, wait until every task is here (the chief has saved) before
-        leaving; see cluster.leave_together."""
-        if self.cluster is not None:
-            with self.lost_peer(when):
-                cluster_module.leave_together(self.strategy, self.cluster)
+    def open_folders(self):
+        """The writer's folders: temporaries of killed runs and (overwrite=true) the level's
+        earlier checkpoints removed; logs.txt emptied, as the reference does at every run, or on
+        resume cut back to the checkpoint it continues (resume.trim_log says why)."""
+        args = self.args
+        resume.prepare_folders(args, self.start.kind, log=self.out)
+        files.makedirs(args["models_dir"])
+        files.makedirs(args["results_dir"])
+        logs = os.path.join(args["models_dir"], "logs.txt")
+        if self.start.kind == "resume" and files.exists(logs):
+            resume.trim_log(logs, self.start.iteration)
+        else:
+            files.write_file(logs, b"")
+
+    def loop(self, first, last_iter, next_input, crops, writer, bar):
+        """Iterations ``first`` to ``last_iter``: a step, its counters, and at each eval_step the
+        evaluation and checkpoint; a stop request saves and stops after the current step."""
+        level = self.level
+        wait_total, step_total = 0.0, 0.0
+        for i in range(first, last_iter + 1):
+            t0 = time.perf_counter()
+            with self.team.lost_peer(f"during iteration {i} of level {level}"):
+                loss, waited = self.steps.train_step(next_input)
+                self.stop.reason = self.team.agreed_stop(self.stop.reason)
+            step_total += time.perf_counter() - t0
+            wait_total += waited
+            self.count(i, loss, writer)
+            count = int(self.counters["loss_count"].numpy())
+            bar.set_postfix(loss=f"{float(self.counters['loss_sum'].numpy()) / count:.4g}",
+                            input_wait=f"{100 * wait_total / max(step_total, 1e-9):.0f}%", refresh=False)
+            bar.update(1)
+            if self.on_step is not None:
+                self.on_step(i, loss)
+            if i % self.args["eval_step"] == 0 or i == last_iter:
+                self.checkpoint(i, crops, writer, bar)
+            elif self.stop.reason is not None:
+                self.save(i)
+            if self.stop.reason is not None and i < last_iter:
+                self.team.barrier(f"after iteration {i} of level {level}")
+                raise self.stopped(i)
+        self.team.barrier(f"after iteration {last_iter} of level {level}")
+
+    def count(self, i, loss, writer):
+        """Step ``i``'s loss into the counters (and TensorBoard); a non-finite one stops the run."""
+        if not np.isfinite(loss):
+            raise self.nonfinite_stop(f"the training loss became {loss}", i)
+        self.counters["iteration"].assign(i)
+        self.counters["loss_sum"].assign_add(loss)
+        self.counters["loss_count"].assign_add(1)
+        if writer is not None:
+            with writer.as_default(step=i):
+                tf.summary.scalar("train/loss", loss)
 
     def train_input(self, first):
         """An iterator over the training batches from step ``first`` on, and its error log. Under
@@ -386,38 +366,16 @@ class Trainer:
         def dataset_fn(context):
             ds, log = train_data(self.args, first, shard=(context.input_pipeline_id, context.num_input_pipelines),
                                  replica_batch=context.get_per_replica_batch_size(micro_batch(self.args)),
-                                 indices=self.train_indices)
+                                 indices=self.plan.train_indices)
             logs.append(log)
             return ds
 
         dist = self.strategy.distribute_datasets_from_function(dataset_fn)
         return iter(dist), logs[0]
 
-    def agreed_stop(self):
-        """The stop every task agrees on after a step: a Ctrl-C / SIGTERM on any task stops all of
-        them after the same iteration (one small all-reduce per step), naming where it came from."""
-        mine = self.stop.reason
-        code = 0 if mine is None else getattr(signal.Signals, str(mine), signal.SIGTERM).value
-        codes = cluster_module.exchange(self.strategy, self.cluster, [code])[:, 0]
-        for task, value in zip(self.cluster.tasks, codes):
-            if value:
-                return f"{signal.Signals(int(value)).name} on {task.name}"
-        return None
-
-    @contextlib.contextmanager
-    def lost_peer(self, when):
-        """A collective that failed because another task went away, as one line."""
-        try:
-            yield
-        except Exception as exc:
-            message = cluster_module.lost_peer(exc, self.cluster, when)
-            if message is None:
-                raise
-            raise UserError(message) from None
-
-    def checkpoint(self, i, test_ds, test_log, crops, writer, bar):
+    def checkpoint(self, i, crops, writer, bar):
         """Evaluate, log, save the visual results and the checkpoint (the reference's eval block)."""
-        metrics = self.evaluate(test_ds, test_log)
+        metrics = self.evaluate(self.test_ds, self.test_log)
         count = int(self.counters["loss_count"].numpy())
         training = float(self.counters["loss_sum"].numpy()) / max(count, 1)
         line = format_log(i, training, metrics)
@@ -442,20 +400,27 @@ class Trainer:
 
     def save(self, i):
         """Write the checkpoint of iteration ``i`` (the chief; the other tasks write nothing)."""
-        prefix = checkpoints.checkpoint_prefix(self.args["models_dir"], self.level, i)
         if not self.chief:
             return
+        prefix = checkpoints.checkpoint_prefix(self.args["models_dir"], self.level, i)
         try:
-            resume.save_training_checkpoint(self.model, base_optimizer(self.optimizer), self.counters, prefix)
+            train_state.save_training_checkpoint(self.model, base_optimizer(self.optimizer), self.counters, prefix)
         except checkpoints.NonFiniteWeights as err:
             raise self.nonfinite_stop(f"the weights became NaN or Inf ({err.count} values)", i) from None
         self.last_good = prefix
+
+    def stopped(self, i):
+        """The one line of a run stopped by Ctrl-C / SIGTERM after iteration ``i``."""
+        saved = f"saved {self.last_good}" if self.chief else \
+            f"the chief ({self.team.chief_name}) saved iteration {i} in its models_dir"
+        return TrainingStopped(f"stopped by {self.stop.reason} after iteration {i} of level {self.level}; "
+                               f"{saved}: continue with resume=true")
 
     def nonfinite_stop(self, what, i):
         """The one-line error that stops a run gone non-finite; only a checkpoint with finite
         weights is named as good (see save_checkpoint)."""
         where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written"
         if not self.chief:
-            where = f"the chief ({self.cluster.chief.name if self.cluster else 'worker 0'}) keeps the last good one"
+            where = f"the chief ({self.team.chief_name}) keeps the last good one"
         return UserError(f"{what} at iteration {i} of level {self.level}: stopping without saving ({where}); "
                          f"try a lower learning_rate")

@@ -197,6 +197,28 @@ def test_sigterm_to_one_worker_stops_both_and_the_chief_saves(sample_dataset, tm
     assert not (tmp_path / "w1").exists() and not (tmp_path / "r1").exists()
 
 
+def test_one_process_coordinates_with_itself(monkeypatch):
+    """The trainer's coordinator outside a multi-worker strategy: each agreement is a no-op."""
+    import tensorflow as tf
+
+    import coordination
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    solo = coordination.coordinator(tf.distribute.get_strategy())
+    assert isinstance(solo, coordination.Solo) and solo.chief and solo.tasks == 1
+    prepared = []
+    solo.agree_on_start(lambda: prepared.append("checked"), {})
+    assert prepared == ["checked"]
+    assert solo.agreed_stop(None) is None and solo.agreed_stop("SIGTERM") == "SIGTERM"
+    solo.barrier("after iteration 3")
+    with pytest.raises(RuntimeError, match="^as raised$"), solo.lost_peer("during iteration 3"):
+        raise RuntimeError("as raised")
+    # a task of a TF_CONFIG cluster outside the multi-worker strategy writes nothing
+    monkeypatch.setenv("TF_CONFIG", tf_config([1, 2], 1))
+    solo = coordination.coordinator(tf.distribute.get_strategy())
+    assert isinstance(solo, coordination.Solo) and not solo.chief and solo.chief_name == "worker 0"
+
+
 # ---------------------------------------------------------------------------------------
 # (3), (4) devices= and TF_CONFIG, checked before anything starts
 
@@ -206,14 +228,17 @@ def cli_error(argv, capsys):
     return code, err
 
 
-def test_devices_must_be_ones_tensorflow_sees(capsys, tmp_path):
+def test_devices_must_be_ones_tensorflow_sees(capsys, sample_dataset, tmp_path):
     import tensorflow as tf
 
+    # a run whose files pass the checks made before TensorFlow starts
+    run = [f"dataset_dir={sample_dataset}", "level=5", "patch_size=32", "batch_size=2", f"models_dir={tmp_path}",
+           f"results_dir={tmp_path / 'results'}"]
     count = len(tf.config.list_logical_devices("CPU"))
-    code, err = cli_error(["strategy=mirrored", f"devices=/cpu:0,/cpu:{count}", f"models_dir={tmp_path}"], capsys)
+    code, err = cli_error(["strategy=mirrored", f"devices=/cpu:0,/cpu:{count}"] + run, capsys)
     assert code == 2 and err == [f"error: devices=/cpu:0,/cpu:{count}: /cpu:{count} is not a device TensorFlow "
                                  f"sees here (it sees /cpu:0)"]
-    code, err = cli_error(["strategy=mirrored", "devices=/cpu:0,/device:CPU:0"], capsys)
+    code, err = cli_error(["strategy=mirrored", "devices=/cpu:0,/device:CPU:0"] + run, capsys)
     assert code == 2 and err == ["error: devices=/cpu:0,/device:CPU:0: /device:CPU:0 is given twice"]
     assert cluster_module.make_strategy("mirrored", "/cpu:0").num_replicas_in_sync == 1
 

@@ -139,3 +139,43 @@ def test_default_quickstart_beats_the_classical_isp(tmp_path):
     pynet, baseline = (float(v) for v in PSNR_LINE.search(out).groups())
     assert pynet > baseline, out[-2000:]
     comparison_panels(tmp_path, 384, 256)
+
+
+def touch_checkpoints(models, *names):
+    models.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        for ext in (".index", ".data-00000-of-00001"):
+            (models / f"{name}{ext}").write_bytes(b"")
+
+
+def test_a_second_quickstart_keeps_what_it_did_not_write(tmp_path, capsys):
+    """The quick start trains with overwrite=true; run again, it deletes only what it wrote
+    (a run of it killed on the way included), and stops at training continued in its folder."""
+    import quickstart
+
+    models = tmp_path / "models" / "quickstart"
+    argv = [f"models_dir={models}", f"dataset_dir={tmp_path / 'sample'}", f"results_dir={tmp_path / 'results'}",
+            f"render_dir={tmp_path / 'render'}"]
+    params = quick_params(models_dir=str(models))
+    for level, iters, *_ in quickstart.schedule(params):
+        quickstart.record_extent(str(models), level, iters)
+    last = quickstart.schedule(params)[-1][1]
+    touch_checkpoints(models, "pynet_level_5_iteration_0.ckpt", f"pynet_level_0_iteration_{last}.ckpt",
+                      "pynet_level_0_iteration_57.ckpt")  # a killed level-0 phase's checkpoint
+    assert quickstart.foreign_checkpoints(str(models)) == []
+
+    # the README's command continued level 0 there: refused, naming it, nothing touched
+    touch_checkpoints(models, "pynet_level_0_iteration_1000.ckpt")
+    before = sorted(os.listdir(models))
+    assert cli.run(quickstart.main, argv) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {models} holds checkpoints the quick start did not write "
+                           f"(pynet_level_0_iteration_1000.ckpt): ")
+    assert line.endswith("give overwrite=true to delete them and start afresh")
+    assert sorted(os.listdir(models)) == before and not (tmp_path / "sample").exists()
+    quickstart.check_models_dir({**params, "overwrite": True})
+
+    # a folder it never recorded (models_dir= pointed at real runs): all of it is someone else's
+    assert quickstart.foreign_checkpoints(str(tmp_path / "models")) == []
+    touch_checkpoints(tmp_path / "real", "pynet_level_3_iteration_20000.ckpt")
+    assert quickstart.foreign_checkpoints(str(tmp_path / "real")) == ["pynet_level_3_iteration_20000.ckpt"]

@@ -555,6 +555,17 @@ def _(tmp):
     return ["level=3", "vgg_dir=none"]
 
 
+@train_case("init_from naming no checkpoint", 1, r"init_from=.*absent\.ckpt: no checkpoint there \(expected "
+                                                  r".*absent\.ckpt\.index")
+def _(tmp):
+    return ["level=0", "loss=mse", f"init_from={tmp / 'absent.ckpt'}"]
+
+
+@train_case("init_from with restore_iter", 2, r"init_from gives the weights the level starts from; restore_iter")
+def _(tmp):
+    return ["level=0", "init_from=models/original/pynet_level_0.ckpt", "restore_iter=5"]
+
+
 @pytest.mark.parametrize("name", sorted(TRAIN_CASES))
 def test_train_refuses(name, sample_dataset, tmp_path, capsys):
     (tmp_path / "models").mkdir()
@@ -605,12 +616,21 @@ def test_damaged_checkpoints_are_named_at_handover_and_resume(model, trained, sa
                          f"pynet_level_5_iteration_3.ckpt away to resume from it")
 
 
+def test_a_damaged_init_from_is_one_line_and_leaves_nothing(model, sample_dataset, tmp_path):
+    given = tmp_path / "given" / "pynet_level_0.ckpt"
+    given.parent.mkdir()
+    (given.parent / "pynet_level_0.ckpt.index").write_bytes(b"not an index")
+    text = trainer_error(train_args(sample_dataset, tmp_path, init_from=given), model)
+    assert text.startswith(f"{given}.index: damaged, cannot read the checkpoint's index"), text
+    assert os.listdir(tmp_path) == ["given"]  # models_dir, made for the run's lock, went with it
+
+
 @pytest.mark.slow
 def test_a_run_gone_non_finite_writes_nothing_and_names_no_bad_checkpoint(model, sample_dataset, tmp_path):
-    """learning_rate=1e35 (inf is an argument error): the first update makes the weights
-    overflow while the step-0 training loss is still finite; the step-0 evaluation must stop the
-    run before its checkpoint."""
-    args = train_args(sample_dataset, tmp_path, learning_rate="1e35", num_train_iters=4, eval_step=2)
+    """learning_rate=inf: the first update makes every weight NaN while the step-0 training loss
+    is still finite; the step-0 evaluation must stop the run before its checkpoint."""
+    args = train_args(sample_dataset, tmp_path, num_train_iters=4, eval_step=2)
+    args["learning_rate"] = float("inf")  # past the parser, which refuses a non-finite number
     text = trainer_error(args, model)
     assert re.fullmatch(r"the test loss became (nan|inf) at iteration 0 of level 5: stopping without saving \(no "
                         r"checkpoint was written\); try a lower learning_rate", text), text

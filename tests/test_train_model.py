@@ -21,7 +21,9 @@ import pytest
 import checkpoints
 import cli
 import cluster as cluster_module
+import preflight
 import resume
+import run_lock
 import steps
 import train_model
 import trainer
@@ -220,12 +222,19 @@ def test_mse_loss_trains_level0_without_vgg_and_says_so(model, sample_dataset, t
 
 
 def test_reference_options_print_no_notes():
-    assert trainer.departures(train_model.parse_arguments(["level=0"])) == []
+    assert preflight.departures(train_model.parse_arguments(["level=0"])) == []
     # levels 5 and 4 are MSE alone in the reference too
-    assert trainer.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
-    # a resumed level initialises nothing
+    assert preflight.departures(train_model.parse_arguments(["level=5", "loss=mse"])) == []
+    # a resumed level initialises nothing, nor one given all its weights by init_from
     he = train_model.parse_arguments(["level=2", "init=he"])
-    assert len(trainer.departures(he)) == 1 and trainer.departures(he, resumed=True) == []
+    assert len(preflight.departures(he)) == 1
+    assert preflight.departures(he, "resume") == [] and preflight.departures(he, "init_from") == []
+
+
+def test_preflight_knows_the_levels_with_the_content_term():
+    import losses
+
+    assert [preflight.uses_content(level) for level in range(6)] == [losses.uses_content(level) for level in range(6)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,7 +336,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, sample_dataset
 
     def on_step(i, loss):
         if i == 3:
-            for name in os.listdir(models):
+            for name in set(os.listdir(models)) - {run_lock.LOCK_NAME}:  # the live run's, gone with it
                 digest[name] = hashlib.sha256((models / name).read_bytes()).hexdigest()
             poison.assign(float("nan"))
 
