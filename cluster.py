@@ -319,7 +319,7 @@ START_KINDS = {"scratch": 0, "handover": 1, "resume": 2, "init_from": 3}
 # arguments that may differ between tasks (paths on each machine, display); all others must agree.
 # init_from's checkpoint is compared by its checksum in the start row, wherever each task has it.
 LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "init_from", "progress", "tensorboard",
-                   "cluster_timeout"}
+                   "cluster_timeout", "force_bf16"}
 
 
 def _crc_of_file(path):

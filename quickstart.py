@@ -41,21 +41,19 @@ from cli import Arg, UserError
 # initial weights, the MSE loss alone, a higher learning rate, small crops, and most of the time
 # at level 0, the one the photo and the PSNR come from. Levels 4 to 1 take one step each:
 # train_model.py starts every level from the one above it, and training level 0 trains the
-# variables of every level anyway (the whole network computes it); measured, 50 steps of level 1
-# before level 0 gained less at level 0 than 50 more steps of level 0. Level 5 first, cheap,
-# gives the coarse levels a start on the global colour. Level 0 then runs in two phases, the
-# second resuming the first (train_model.py resume=true): at 3e-4 the PSNR rises fastest but a
-# run diverged between 300 and 400 steps, so the rate drops to 1e-4 for the last steps, on larger
-# crops, whose instance-norm statistics at levels 2 to 5 are closer to a whole patch's.
-# Measured on the sample, level-0 PSNR on its test split (the classical ISP: 18.1 dB): after 275
-# steps at 3e-4, about 14 dB with the reference's initial weights and loss, 14.8 dB from He-normal
-# weights, 14.9 dB with the MSE loss alone, 16.5 dB with both; with both and two phases of 250 and
-# 150 steps 21.9 dB, against 18.4 dB when the second phase keeps the 32x32 crops of the first; that
-# took 642 s in all, so the phases here are 200 and 125 steps (20.6 dB), for about 9 minutes.
+# variables of every level anyway (the whole network computes it). Level 5 first, cheap, gives
+# the coarse levels a start on the global colour. Level 0 then runs in two phases, the second
+# resuming the first (train_model.py resume=true): at 3e-4 the PSNR rises fastest but does not
+# stay stable for long, so the rate drops to 1e-4 for the last steps, on larger crops, whose
+# instance-norm statistics at levels 2 to 5 are closer to a whole patch's. Each choice was
+# measured against its alternatives: benchmarks/README.md, "Quick start".
 # (level, num_train_iters, packed crop side, batch size, learning rate); a level's later rows
 # resume it up to their num_train_iters
 QUICK_SCHEDULE = ((5, 50, 64, 8, 3e-4), (4, 0, 32, 2, 3e-4), (3, 0, 32, 2, 3e-4), (2, 0, 32, 2, 3e-4),
                   (1, 0, 32, 2, 3e-4), (0, 200, 32, 4, 3e-4), (0, 325, 64, 1, 1e-4))
+# With bfloat16 units (precision=auto picks bf16 there) a step takes a fraction of its float32
+# time: the time saved goes to more steps of the last phase, at its stable rate.
+BF16_EXTRA_STEPS = 250
 QUICK_INIT, QUICK_LOSS = "he", "mse"
 PAPER_LEARNING_RATE = 5e-5
 
@@ -81,6 +79,8 @@ ARGS = [
         "reference = the paper's (with VGG-19 content and SSIM terms)", choices=utils.LOSSES),
     Arg("overwrite", cli.BOOL, False, "delete the checkpoints in models_dir that the quick start did not write "
         "(training continued there) instead of stopping"),
+    Arg("precision", str, "auto", "compute precision of training and rendering: auto = bf16 where the CPU has "
+        "bfloat16 units (then with more level-0 steps), else fp32", choices=("auto",) + utils.PRECISIONS),
     Arg("seed", int, 0, "random seed of the sample dataset and of training"),
     Arg("train", int, 64, "training patches in the sample dataset", check=cli.positive),
     Arg("test", int, 16, "test patches in the sample dataset (the PSNR is their mean)", check=cli.positive),
@@ -94,7 +94,9 @@ def schedule(params) -> list:
     with the overrides given. ``iters=N`` gives every level N iterations and each resumed phase N
     more (none when N is 0)."""
     rows, seen = [], {}
-    for level, iters, patch, batch, rate in QUICK_SCHEDULE:
+    extra = BF16_EXTRA_STEPS if params.get("precision") == "bf16" and params["iters"] is None else 0
+    for number, (level, iters, patch, batch, rate) in enumerate(QUICK_SCHEDULE, 1):
+        iters += extra if number == len(QUICK_SCHEDULE) else 0
         resume = level in seen
         if params["iters"] is not None:
             iters = seen.get(level, 0) + params["iters"] if resume else params["iters"]
@@ -129,6 +131,19 @@ def describe_schedule(params, vgg_dir: str) -> str:
                      + ("(resumed)" if resume else f"{paper_iters + 1:>17}  {paper_batch:>5}  224"))
     lines.append("  (iterations as train_model.py counts them: num_train_iters + 1 steps)")
     return "\n".join(lines)
+
+
+def chosen_precision(precision: str, out=print) -> str:
+    """precision=auto: bf16 where this CPU has bfloat16 units, saying so; else fp32. A precision
+    given is checked as the scripts check it (runtime.check_precision)."""
+    if precision == "auto":
+        units = runtime.bf16_units()
+        if units:
+            out(f"precision: bf16 (this CPU has bfloat16 units, {units}): faster, so level 0 takes "
+                f"{BF16_EXTRA_STEPS} more steps")
+        return "bf16" if units else "fp32"
+    runtime.check_precision(precision, out=out)
+    return precision
 
 
 def training_vgg(params, out=print) -> str:
@@ -203,18 +218,19 @@ def train_argv(params, row, vgg_dir: str) -> list:
             f"train_size={params['train']}", f"eval_batch_size={min(batch, params['test'])}",
             f"learning_rate={rate:g}", f"num_train_iters={iters}", f"eval_step={max(iters, 1)}",
             f"seed={params['seed']}", f"init={params['init']}", f"loss={params['loss']}", f"vgg_dir={vgg_dir}",
-            "progress=false", "resume=true" if resume else "overwrite=true"]
+            f"precision={params['precision']}", "progress=false", "resume=true" if resume else "overwrite=true"]
 
 
 def render_argv(params) -> list:
     return ["level=0", f"dataset_dir={params['dataset_dir']}", f"models_dir={params['models_dir']}",
-            f"output_dir={params['render_dir']}"]
+            f"output_dir={params['render_dir']}", f"precision={params['precision']}"]
 
 
 def evaluate_argv(params, model: str = "pynet") -> list:
     if model == "baseline":
         return ["model=baseline", f"dataset_dir={params['dataset_dir']}"]
-    return ["orig=false", "level=0", f"dataset_dir={params['dataset_dir']}", f"models_dir={params['models_dir']}"]
+    return ["orig=false", "level=0", f"dataset_dir={params['dataset_dir']}", f"models_dir={params['models_dir']}",
+            f"precision={params['precision']}"]
 
 
 LABEL_HEIGHT = 24  # pixels of the caption band above each panel of the comparison
@@ -297,7 +313,7 @@ def train_all_levels(params, vgg_dir: str) -> None:
         record_extent(params["models_dir"], row[0], row[1])
         if model is None:
             train_model.configure(args)
-            model = PyNET(init=params["init"])
+            model = PyNET(init=params["init"], precision=params["precision"])
         trainer.Trainer(args, model=model).run()
         done(start)
 
@@ -309,6 +325,7 @@ def main(argv):
     # one process trains and then renders single photos: the choice must suit both
     runtime.select_cpu_kernels(training=True, smallest_batch=1)
     runtime.start_tensorflow()
+    params["precision"] = chosen_precision(params["precision"])
     vgg_dir = training_vgg(params)
 
     if os.path.isdir(os.path.join(params["dataset_dir"], "train")):

@@ -14,7 +14,7 @@ from adam import reference_adam
 def build_optimizer(args):
     """Adam as the reference's tf.train.AdamOptimizer: beta1 0.9, beta2 0.999, epsilon 1e-8."""
     optimizer = reference_adam(learning_rate=args["learning_rate"], beta_1=0.9, beta_2=0.999, epsilon=1e-8)
-    if args["mixed_precision"]:
+    if args["precision"] == "fp16":  # float16's range needs the loss scaled; bfloat16 has float32's
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
@@ -33,12 +33,12 @@ class Steps:
     the steps call the replica methods directly: no strategy.run / reduce in the graph.
     """
 
-    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, mixed_precision, xla=False,
+    def __init__(self, strategy, view, optimizer, level, vgg, batch_size, accum_steps, precision="fp32", xla=False,
                  distributed=None, loss_kind="reference"):
         self.strategy, self.view, self.optimizer = strategy, view, optimizer
         self.level, self.vgg, self.accum_steps, self.loss_kind = level, vgg, accum_steps, loss_kind
         self.global_batch = float(batch_size)
-        self.mixed = mixed_precision
+        self.scaled = precision == "fp16"
         self.trainable = view.trainable_variables
         self.accumulators = None
         if distributed is None:
@@ -70,8 +70,11 @@ class Steps:
             per_image, _ = losses.level_loss_per_image(self.level, enhanced, target, self.vgg, self.vgg is not None,
                                                        self.loss_kind)
             loss = tf.reduce_sum(per_image) / self.global_batch
-            scaled = self.optimizer.scale_loss(loss) if self.mixed else loss
-        return loss, tape.gradient(scaled, self.trainable)
+            scaled = self.optimizer.scale_loss(loss) if self.scaled else loss
+        grads = tape.gradient(scaled, self.trainable)
+        # in reduced precision the biases before instance norm are left out (model.ConvLayer):
+        # their gradient, zero in exact arithmetic, is then None
+        return loss, [tf.zeros_like(v) if g is None else g for v, g in zip(self.trainable, grads)]
 
     def replica_step(self, raw, target):
         loss, grads = self.loss_and_grads(raw, target)

@@ -97,7 +97,9 @@ SPEC = [
         "answer before giving up", check=cli.positive),
     Arg("accum_steps", int, 1, "accumulate gradients over this many micro-batches of batch_size/accum_steps "
         "per update", check=cli.positive),
-    Arg("mixed_precision", cli.BOOL, False, "float16 compute (mixed_float16) with float32 variables and loss"),
+    utils.precision_arg(),
+    utils.force_bf16_arg(),
+    Arg("mixed_precision", cli.BOOL, False, "the earlier spelling of precision=fp16"),
     Arg("xla", cli.BOOL, False, "compile the training and evaluation steps with XLA (jit_compile); for GPUs: "
         "on CPUs it is slower than the default kernels"),
     Arg("seed", int, 0, "random seed of the data sampling and augmentation"),
@@ -129,6 +131,10 @@ def parse_arguments(argv) -> dict:
                          "checkpoint it starts from otherwise: give one or the other")
     if args["devices"] and args["strategy"] != "mirrored":
         raise UsageError("devices= is for strategy=mirrored")
+    if args["mixed_precision"]:
+        if args["precision"] not in ("fp32", "fp16"):
+            raise UsageError(f"mixed_precision=true is precision=fp16, not precision={args['precision']}: give one")
+        args["precision"] = "fp16"
     return args
 
 
@@ -143,8 +149,6 @@ def configure(args) -> None:
     keras.utils.set_random_seed(args["seed"])
     if args["deterministic"]:
         tf.config.experimental.enable_op_determinism()
-    if args["mixed_precision"]:
-        keras.mixed_precision.set_global_policy("mixed_float16")
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,6 +179,7 @@ def main(argv):
     try:
         runtime.select_cpu_kernels(training=True, smallest_batch=smallest_batch(args))
         runtime.start_tensorflow()
+        runtime.check_precision(args["precision"], args["force_bf16"])
         if not early:
             print(load_dataset.describe_dataset(args["dataset_dir"]))
         strategy = cluster_module.make_strategy(args["strategy"], args["devices"], args["cluster_timeout"])

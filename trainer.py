@@ -29,7 +29,7 @@ import train_state
 import utils
 import vgg
 from cli import UsageError, UserError
-from model import PyNET, level_model
+from model import PyNET, level_model, precision_of
 from render import level_function
 from steps import Steps, base_optimizer, build_optimizer
 
@@ -194,18 +194,21 @@ class Trainer:
         with self.strategy.scope():
             self.vgg = vgg.load_vgg(args["vgg_dir"]) if self.plan.needs_vgg else None
             if model is None:
-                model = PyNET(instance_norm=True, instance_norm_level_1=False, init=args["init"])
+                model = PyNET(instance_norm=True, instance_norm_level_1=False, init=args["init"],
+                              precision=args["precision"])
+            elif precision_of(model) != args["precision"]:
+                raise ValueError(f"the model given computes in {precision_of(model)}, not {args['precision']}")
             self.model = model
             self.view = level_model(self.model, self.level)
             self.optimizer = build_optimizer(args)
             base_optimizer(self.optimizer).build(self.view.trainable_variables)
-            if args["mixed_precision"]:
+            if args["precision"] == "fp16":  # the LossScaleOptimizer's own state
                 self.optimizer.build(self.view.trainable_variables)
             self.counters = {"iteration": tf.Variable(-1, dtype=tf.int64, trainable=False),
                              "loss_sum": tf.Variable(0.0, dtype=tf.float64, trainable=False),
                              "loss_count": tf.Variable(0, dtype=tf.int64, trainable=False)}
         self.steps = Steps(self.strategy, self.view, self.optimizer, self.level, self.vgg, args["batch_size"],
-                           args["accum_steps"], args["mixed_precision"], args["xla"], self.distributed,
+                           args["accum_steps"], args["precision"], args["xla"], self.distributed,
                            loss_kind=args["loss"])
 
     def restore_start(self):
@@ -252,7 +255,7 @@ class Trainer:
     def save_visuals(self, i, crops, writer):
         raw, targets = crops
         predict = level_function(self.model, self.level, xla=self.args["xla"])
-        predictions = predict(raw).numpy().astype(np.float32)  # float16 under mixed precision
+        predictions = predict(raw).numpy().astype(np.float32)
         pictures = visual_images(predictions, targets, self.args["visual_stretch"])
         for idx, picture in enumerate(pictures):
             name = f"pynet_img_{idx}_level_{self.level}_iter_{i}.jpg"

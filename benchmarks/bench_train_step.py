@@ -24,7 +24,6 @@ environment wins). ``batch_size=0`` means the reference's batch of each level.
 
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -70,6 +69,8 @@ SPEC = [
     cli.Arg("variants", str, "plain,cli", "what to time: plain, cli (comma-separated)"),
     cli.Arg("xla", cli.BOOL, False, "compile the steps with XLA (train_model.py xla=true)"),
     cli.Arg("train_patches", int, 16, "generated training patches", check=cli.positive),
+    cli.Arg("precision", str, "fp32", "compute precisions to time, fp32 and/or bf16 (train_model.py precision=; "
+            "bf16 is emulated, and slow, on a CPU without bfloat16 units)"),
     cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
 
@@ -138,7 +139,8 @@ def plain_step(job):
         with tf.GradientTape() as tape:
             per_image, _ = losses.level_loss_per_image(level, view(raw, training=True), target, vgg, vgg is not None)
             loss = tf.reduce_mean(per_image)
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        grads = tape.gradient(loss, variables)  # None for the biases a bf16 build leaves out (model.ConvLayer)
+        optimizer.apply_gradients([(tf.zeros_like(v) if g is None else g, v) for g, v in zip(grads, variables)])
         return loss
 
     return lambda: float(step(raw, target))
@@ -148,12 +150,12 @@ class LoopClock:
     """Runs train_model.py's loop one step at a time (its on_step hook): ``advance()`` lets it
     run exactly one more step, so the caller times each step beside the plain one."""
 
-    def __init__(self, trainer):
+    def __init__(self, job):
         import threading
 
-        self.trainer, self.go, self.done = trainer, threading.Semaphore(0), threading.Semaphore(0)
+        self.job, self.go, self.done = job, threading.Semaphore(0), threading.Semaphore(0)
         self.error = None
-        trainer.on_step = self._on_step
+        job.on_step = self._on_step
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -179,7 +181,7 @@ class LoopClock:
             raise self.error
 
 
-def bench_level(level, model, work, dataset, vgg_path, opts):
+def bench_level(level, model, work, dataset, vgg_path, opts, precision="fp32"):
     import train_model
     import trainer
 
@@ -192,15 +194,15 @@ def bench_level(level, model, work, dataset, vgg_path, opts):
     argv = [f"level={level}", f"dataset_dir={dataset}", f"batch_size={batch}", f"patch_size={opts['patch_size']}",
             f"vgg_dir={vgg_path}", f"models_dir={models_dir}", f"results_dir={os.path.join(work, 'results')}",
             f"num_train_iters={iters}", f"eval_step={10 * iters}", f"eval_batch_size={min(batch, 2)}",
-            f"xla={str(opts['xla']).lower()}", "progress=false"]
+            f"xla={str(opts['xla']).lower()}", "progress=false", f"precision={precision}", "force_bf16=true"]
     args = train_model.parse_arguments(argv)
     job = trainer.Trainer(args, model=model, out=lambda *a: None)
     variants = [v.strip() for v in opts["variants"].split(",") if v.strip()]
     runners = {}
     if "plain" in variants:
-        runners["plain"] = plain_step(trainer)
+        runners["plain"] = plain_step(job)
     if "cli" in variants:
-        clock = LoopClock(trainer)
+        clock = LoopClock(job)
         clock.start()
         clock.advance()  # iteration 0, then its evaluation runs inside the next advance
         runners["cli"] = clock.advance
@@ -220,7 +222,7 @@ def bench_level(level, model, work, dataset, vgg_path, opts):
             clock.go.release()
             clock.thread.join(timeout=1)
     flops = training_flops(model, level, opts["patch_size"], batch, job.vgg is not None)
-    return {name: {"level": level, "batch_size": batch, "patch_size": opts["patch_size"],
+    return {name: {"level": level, "precision": precision, "batch_size": batch, "patch_size": opts["patch_size"],
                    "step_s": wall[name] / opts["steps"], "cpu_s": cpu[name] / opts["steps"],
                    "gflops": flops / (wall[name] / opts["steps"]) / 1e9} for name in runners}
 
@@ -237,7 +239,10 @@ def main(argv):
     import train_model
     from helpers import random_vgg_weights, write_matconvnet_vgg
 
-    train_model.configure({"seed": 0, "deterministic": False, "mixed_precision": False})
+    train_model.configure({"seed": 0, "deterministic": False})
+    precisions = [p.strip() for p in opts["precision"].split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise cli.UsageError(f"precision={opts['precision']}: expected fp32 and/or bf16")
     tf.get_logger().setLevel("ERROR")  # one trace per level and variant, by design
     work = tempfile.mkdtemp(prefix="pynet_bench_train_")
     try:
@@ -246,21 +251,23 @@ def main(argv):
         vgg_path = os.path.join(work, "vgg.mat")
         write_matconvnet_vgg(vgg_path, random_vgg_weights(seed=0))
         peak = peak_gflops()
-        model = pynet.PyNET()
-        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
-              f"kernels: {kernels_in_use()}; XLA {'on' if opts['xla'] else 'off'}")
+        print(f"machine: {runtime.cpu_model()}, {os.cpu_count()} CPU cores, bfloat16 units "
+              f"{runtime.bf16_units() or 'none'}; kernels: {kernels_in_use()}; XLA {'on' if opts['xla'] else 'off'}")
         print(f"fp32 peak (2048^3 matmul): {peak:.0f} GFLOP/s; patch {opts['patch_size']} (packed); "
               f"{opts['warmup']} warm-up + {opts['steps']} timed steps per variant, alternating")
-        print("level  batch  variant  step (s)  CPU (s)  plain/step  GFLOP/s  % peak")
+        print("level  precision  batch  variant  step (s)  CPU (s)  plain/step  GFLOP/s  % peak")
         results = []
-        for level in levels:
-            measured = bench_level(level, model, work, dataset, vgg_path, opts)
-            plain = measured.get("plain", {}).get("step_s")
-            for name, r in measured.items():
-                share = f"{100 * plain / r['step_s']:9.0f}%" if plain else f"{'':>10}"
-                print(f"{level:>5}  {r['batch_size']:>5}  {name:>7}  {r['step_s']:>8.3f}  {r['cpu_s']:>7.3f}  {share}"
-                      f"  {r['gflops']:>7.1f}  {100 * r['gflops'] / peak:>5.0f}%", flush=True)
-                results.append({"variant": name, **r, "peak_gflops": peak})
+        for precision in precisions:
+            model = pynet.PyNET(precision=precision)
+            for level in levels:
+                measured = bench_level(level, model, work, dataset, vgg_path, opts, precision)
+                plain = measured.get("plain", {}).get("step_s")
+                for name, r in measured.items():
+                    share = f"{100 * plain / r['step_s']:9.0f}%" if plain else f"{'':>10}"
+                    print(f"{level:>5}  {precision:>9}  {r['batch_size']:>5}  {name:>7}  {r['step_s']:>8.3f}  "
+                          f"{r['cpu_s']:>7.3f}  {share}  {r['gflops']:>7.1f}  {100 * r['gflops'] / peak:>5.0f}%",
+                          flush=True)
+                    results.append({"variant": name, **r, "peak_gflops": peak})
         if opts["json"]:
             with open(opts["json"], "w") as handle:
                 json.dump({"options": opts, "kernels": kernels_in_use(), "results": results}, handle, indent=1)

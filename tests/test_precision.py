@@ -90,15 +90,53 @@ def test_strips_in_bf16_equal_the_whole_bf16_frame_within_its_rounding(pair):
     assert psnr(strips, whole) > min(psnr(whole, whole_fp32), 40) - 3
 
 
-def test_a_checkpoint_of_a_bf16_run_loads_in_fp32_and_back(pair, tmp_path):
+def test_a_bf16_training_run_writes_a_float32_checkpoint_that_loads_in_fp32_and_back(pair, sample_dataset, tmp_path):
+    import train_model
+    import trainer
+
     fp32, bf16 = pair
-    prefix = str(tmp_path / "pynet_level_0_iteration_1.ckpt")
-    checkpoints.save_checkpoint(bf16, prefix)
-    fresh = PyNET(level=5)
+    saved = [v.numpy() for v in bf16.weights]
+    args = train_model.parse_arguments([f"dataset_dir={sample_dataset}", "level=5", "patch_size=32", "batch_size=2",
+                                        "num_train_iters=2", "eval_step=2", "precision=bf16", "force_bf16=true",
+                                        f"models_dir={tmp_path / 'models'}", f"results_dir={tmp_path / 'results'}",
+                                        "progress=false", "tensorboard=false"])
+    seen = []
+    trainer.Trainer(args, model=bf16, out=lambda *a: None, on_step=lambda i, loss: seen.append(loss)).run()
+    assert len(seen) == 3 and np.all(np.isfinite(seen))
+    prefix = checkpoints.checkpoint_prefix(str(tmp_path / "models"), 5, 2)
+    fresh = PyNET(level=5)  # float32
     checkpoints.load_checkpoint(fresh, prefix)
     by_name = {v.path: v.numpy() for v in bf16.weights}
     for var in fresh.weights:
+        assert var.dtype == "float32"
         np.testing.assert_array_equal(var.numpy(), by_name[var.path])
+    changed = [v.path for v, before in zip(bf16.weights, saved) if not np.array_equal(v.numpy(), before)]
+    assert changed  # the run trained
+    back = str(tmp_path / "fp32" / "pynet_level_0_iteration_1.ckpt")
+    checkpoints.save_checkpoint(fp32, back)  # and a float32 checkpoint into the bf16 build
+    checkpoints.load_checkpoint(bf16, back)
+    for a, b in zip(bf16.weights, fp32.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_a_model_of_another_precision_is_refused_by_the_trainer(pair, sample_dataset, tmp_path):
+    import train_model
+    import trainer
+
+    fp32, _ = pair
+    args = train_model.parse_arguments([f"dataset_dir={sample_dataset}", "level=5", "precision=bf16", "batch_size=2",
+                                        f"models_dir={tmp_path / 'models'}", f"results_dir={tmp_path / 'r'}"])
+    with pytest.raises(ValueError, match="computes in fp32, not bf16"):
+        trainer.Trainer(args, model=fp32, out=lambda *a: None)
+
+
+def test_mixed_precision_is_the_earlier_spelling_of_fp16():
+    import train_model
+
+    assert train_model.parse_arguments(["mixed_precision=true"])["precision"] == "fp16"
+    assert train_model.parse_arguments(["mixed_precision=true", "precision=fp16"])["precision"] == "fp16"
+    with pytest.raises(cli.UsageError, match="mixed_precision=true is precision=fp16, not precision=bf16"):
+        train_model.parse_arguments(["mixed_precision=true", "precision=bf16"])
 
 
 def test_a_bf16_step_lowers_the_loss_with_float32_gradients(pair):

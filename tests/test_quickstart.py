@@ -14,6 +14,7 @@ import cli
 import images
 import process
 import render
+import runtime
 from helpers import ROOT
 
 PSNR_LINE = re.compile(r"^  PSNR on the sample's test split at level 0: PyNET ([0-9.]+) dB, "
@@ -179,3 +180,22 @@ def test_a_second_quickstart_keeps_what_it_did_not_write(tmp_path, capsys):
     assert quickstart.foreign_checkpoints(str(tmp_path / "models")) == []
     touch_checkpoints(tmp_path / "real", "pynet_level_3_iteration_20000.ckpt")
     assert quickstart.foreign_checkpoints(str(tmp_path / "real")) == ["pynet_level_3_iteration_20000.ckpt"]
+
+
+def test_precision_auto_is_bf16_with_more_level_0_steps_where_the_cpu_has_bfloat16_units(monkeypatch):
+    import quickstart
+
+    printed = []
+    monkeypatch.setattr(runtime, "bf16_units", lambda *a, **k: "AMX")
+    assert quickstart.chosen_precision("auto", out=printed.append) == "bf16"
+    assert printed == [f"precision: bf16 (this CPU has bfloat16 units, AMX): faster, so level 0 takes "
+                       f"{quickstart.BF16_EXTRA_STEPS} more steps"]
+    monkeypatch.setattr(runtime, "bf16_units", lambda *a, **k: "")
+    assert quickstart.chosen_precision("auto", out=printed.append) == "fp32" and len(printed) == 1
+    fp32, bf16 = (quickstart.schedule(quick_params(precision=p)) for p in ("fp32", "bf16"))
+    assert [row[1] for row in bf16][:-1] == [row[1] for row in fp32][:-1]
+    assert bf16[-1][1] == fp32[-1][1] + quickstart.BF16_EXTRA_STEPS
+    assert "precision=bf16" in quickstart.train_argv(quick_params(precision="bf16"), bf16[-1], "none")
+    # a precision given is checked as train_model.py checks it
+    with pytest.raises(cli.UsageError, match="precision=bf16: this CPU has no bfloat16 units"):
+        quickstart.chosen_precision("bf16", out=printed.append)

@@ -449,7 +449,7 @@ def test_adam_is_the_reference_adam():
         return step
 
     for mixed in (False, True):
-        optimizer = steps.build_optimizer({"learning_rate": lr, "mixed_precision": mixed})
+        optimizer = steps.build_optimizer({"learning_rate": lr, "precision": "fp16" if mixed else "fp32"})
         weights = keras.Variable(start.copy())
         step = adam_step(optimizer, weights, mixed)
         for g in grads:
