@@ -186,7 +186,7 @@ def bench_level(level, model, work, dataset, vgg_path, opts, precision="fp32"):
     import trainer
 
     batch = opts["batch_size"] or REFERENCE_BATCH[level]
-    models_dir = os.path.join(work, f"models_{level}")
+    models_dir = os.path.join(work, f"models_{precision}_{level}")
     if level < 5:  # the hand-over needs a level+1 checkpoint; its values do not matter here
 
         checkpoints.save_checkpoint(model, checkpoints.checkpoint_prefix(models_dir, level + 1, 0))
