@@ -80,13 +80,13 @@ def synthetic_pair(width, height, scale, seed=0):
     matrix = scenes.homography(shape, reference.shape, scale=scale, angle=1.5, tilt=(2e-6, -1e-6), offset=(40.0, -25.0))
     sigma = 0.5 / scale
     channels = [ndimage.gaussian_filter(reference[..., c].astype(np.float32), sigma) for c in range(3)]
-    rng = np.random.default_rng(seed)
-    mosaic = np.empty(shape, np.uint16)
+    rgb = np.empty(shape + (3,), np.uint8)
     for top in range(0, shape[0], 500):  # in bands of rows: a 12 MP frame of float64 coordinates is 200 MB
         y, x = np.mgrid[top:min(top + 500, shape[0]), 0:shape[1]].astype(np.float64)
         rx, ry = scenes.apply(matrix, x, y)
-        rgb = np.stack([ndimage.map_coordinates(c, [ry, rx], order=1, mode="nearest") for c in channels], -1)
-        mosaic[top:top + len(y)] = scenes.unprocess(rgb, rng)
+        band = np.stack([ndimage.map_coordinates(c, [ry, rx], order=1, mode="nearest") for c in channels], -1)
+        rgb[top:top + len(y)] = np.clip(np.rint(band), 0, 255)
+    mosaic = scenes.to_mosaic(rgb, seed)  # one camera for the whole frame
     return mosaic, reference, matrix
 
 
