@@ -20,8 +20,8 @@ pages it shares with the engine, so their sum is an upper bound), the keypoints,
 kept and dropped by reason, and the error of the recovered homography against the true one
 (mosaic pixels, over the frame); for make_dataset.py, the CPU seconds of all its processes
 and the peak RSS of its main process (TensorFlow's PNG encoder included) and of the largest
-of its helper processes (the alignment), sampled from /proc, with the largest sum of their
-RSS at one time, and the patches written.
+of its helper processes (the alignment), sampled from /proc, with the largest sum of all its
+processes' PSS at one time, and the patches written.
 """
 
 import json
@@ -136,23 +136,26 @@ def descendants(pid):
     return found
 
 
-def status_kib(pid, field):
+def status_kib(pid, field, table="status"):
     try:
-        with open(f"/proc/{pid}/status") as handle:
+        with open(f"/proc/{pid}/{table}") as handle:
             return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
     except (OSError, StopIteration):
         return 0
 
 
 class MemorySampler:
-    """Samples the memory of this process's descendants every 50 ms: each one's peak (VmHWM:
+    """Samples the memory of this process's descendants every 0.5 s: each one's peak (VmHWM:
     since its exec for a spawned helper, whose getrusage peak would start from the RSS of the
-    process it was forked from) and the largest sum of their RSS and this process's at one time."""
+    process it was forked from) and the largest sum of their proportional set sizes and this
+    process's at one time (PSS: a page that n processes share counts 1/n in each, so that forked
+    workers' shared pages are counted once). ``cpu``: the CPU seconds the sampling took (this
+    process's, to be left out of the figures)."""
 
     def __init__(self):
         import threading
 
-        self.peaks, self.total, self._stop = {}, 0, threading.Event()
+        self.peaks, self.total, self.cpu, self._stop = {}, 0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self):
@@ -164,12 +167,13 @@ class MemorySampler:
         self._thread.join()
 
     def _run(self):
-        while not self._stop.wait(0.05):
-            total = status_kib(os.getpid(), "VmRSS")
+        while not self._stop.wait(0.5):
+            total = status_kib(os.getpid(), "Pss", "smaps_rollup")
             for pid in descendants(os.getpid()):
                 self.peaks[pid] = max(self.peaks.get(pid, 0), status_kib(pid, "VmHWM"))
-                total += status_kib(pid, "VmRSS")
+                total += status_kib(pid, "Pss", "smaps_rollup")
             self.total = max(self.total, total)
+            self.cpu = time.thread_time()
 
 
 def child_make(folder, patch_size, workers):
@@ -185,11 +189,11 @@ def child_make(folder, patch_size, workers):
     with contextlib.redirect_stdout(printed), MemorySampler() as memory:
         make_dataset.main([f"pairs={os.path.join(folder, 'pairs')}", f"output={output}", f"patch_size={patch_size}",
                            f"workers={workers}", "progress=false"])
-    wall, seconds = time.perf_counter() - start, cpu_seconds(cpu, os.times())
+    wall, seconds = time.perf_counter() - start, cpu_seconds(cpu, os.times()) - memory.cpu
     main_process = peaks()[0]
-    figures = {"wall_s": wall, "cpu_s": seconds, "peak_rss_mib": main_process,
+    figures = {"wall_s": wall, "cpu_s": seconds, "sampling_cpu_s": memory.cpu, "peak_rss_mib": main_process,
                "helper_peak_rss_mib": max(memory.peaks.values(), default=0) / 1024.0,
-               "all_processes_peak_rss_mib": memory.total / 1024.0,
+               "all_processes_peak_pss_mib": memory.total / 1024.0,
                "patches": len(os.listdir(os.path.join(output, "train", "huawei_raw"))),
                "scene_line": printed.getvalue().splitlines()[0]}
     with open(os.path.join(folder, "make.json"), "w") as handle:
@@ -238,12 +242,13 @@ def report_align(figures, matrix, shape):
 
 def report_make(figures):
     print(f"make_dataset.py, one scene (DNG and JPEG read, aligned, {figures['patches']} patches written): wall time "
-          f"{figures['wall_s']:.1f} s, CPU {figures['cpu_s']:.1f} s (all its processes), load average "
+          f"{figures['wall_s']:.1f} s, CPU {figures['cpu_s']:.1f} s (all its processes; the memory sampling's "
+          f"{figures['sampling_cpu_s']:.1f} s left out), load average "
           f"{os.getloadavg()[0]:.1f} after")
     print(f"make_dataset.py peak RSS: {figures['peak_rss_mib']:.0f} MiB main process (TensorFlow's PNG encoder "
           f"included), {figures['helper_peak_rss_mib']:.0f} MiB largest helper process (the alignment; target <= "
-          f"2048 MiB), {figures['all_processes_peak_rss_mib']:.0f} MiB all processes at once (shared pages counted "
-          f"in each)")
+          f"2048 MiB), {figures['all_processes_peak_pss_mib']:.0f} MiB all processes at once (sum of their PSS, "
+          f"shared pages counted once)")
     print(f"  {figures['scene_line']}")
 
 
