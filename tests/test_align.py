@@ -243,3 +243,26 @@ def test_area_resize_averages_boxes():
     assert np.isclose(out[0, 0], expected, atol=1e-6)
     rgb = rng.random((12, 18, 3)).astype(np.float32)
     assert np.allclose(align.area_resize(rgb, 2)[..., 1], align.area_resize(rgb[..., 1], 2), atol=1e-6)
+
+
+def _signal_dispositions():
+    import signal
+
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_workers_are_forked_only_without_tensorflow(monkeypatch):
+    """Forked workers leave Ctrl-C to their parent and die on SIGTERM; in a process where
+    TensorFlow runs, nothing is forked (a fork could copy a lock its threads hold)."""
+    import os
+    import signal
+    import sys
+
+    with align._workers(2) as run:
+        answers = run(os.getpid, [()] * 4)
+        dispositions = run(_signal_dispositions, [()] * 2)
+    assert os.getpid() not in answers
+    assert all(d == (signal.SIG_IGN, signal.SIG_DFL) for d in dispositions)
+    monkeypatch.setitem(sys.modules, "tensorflow", sys)  # any module: only its presence counts
+    with align._workers(2) as run:
+        assert run(os.getpid, [()] * 2) == [os.getpid()] * 2

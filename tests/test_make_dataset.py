@@ -363,6 +363,31 @@ def test_sigterm_stops_the_script_in_one_line(tmp_path, made):
 
 
 # ---------------------------------------------------------------------------------------
+# the helper process
+
+def tensorflow_loaded():
+    return "tensorflow" in sys.modules
+
+
+def test_the_helper_answers_raises_and_survives_its_death():
+    import runtime
+
+    with runtime.CleanProcess() as helper:
+        pid = helper.call(os.getpid)
+        assert pid != os.getpid() and helper.call(divmod, 7, 2) == (3, 1)
+        assert helper.call(tensorflow_loaded) is False
+        with pytest.raises(ValueError, match="invalid literal") as caught:
+            helper.call(int, "x")
+        assert "in the helper process" in caught.value.__notes__[0]
+        helper.submit(time.sleep, 30)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(runtime.HelperDied, match="killed by signal 9"):
+            helper.result()
+        assert helper.call(os.getpid) not in (pid, os.getpid())  # a new helper
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+# ---------------------------------------------------------------------------------------
 # pairs.py: finding and reading the files
 
 def test_find_pairs_tells_raws_from_photos(tmp_path):
@@ -400,6 +425,16 @@ def test_a_png_raw_out_of_range_or_blank_is_refused(tmp_path):
     read, notes = pairs.read_raw(str(tmp_path / "odd.png"))
     np.testing.assert_array_equal(read, mosaic[:64, :66])
     assert "odd last row or column dropped" in notes
+
+
+def test_mosaics_are_written_in_8_bits_when_they_fit_as_zrr_stores_them(tmp_path):
+    for top, depth in ((255, 8), (256, 16)):
+        mosaic = np.random.default_rng(top).integers(0, top + 1, (6, 8)).astype(np.uint16)
+        mosaic[0, 0] = top
+        images.write_mosaic(str(tmp_path / f"{top}.png"), mosaic)
+        _, _, rows, info = png.Reader(filename=str(tmp_path / f"{top}.png")).read()
+        assert info["bitdepth"] == depth and info["greyscale"]
+        np.testing.assert_array_equal(np.vstack([np.asarray(r) for r in rows]), mosaic)
 
 
 def test_read_photo_formats(tmp_path):
