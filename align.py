@@ -21,12 +21,13 @@ import contextlib
 import itertools
 import multiprocessing
 import signal
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, sparse
 from skimage import feature, measure, transform
+
+import runtime
 
 GAMMA = 2.2  # sRGB's tone, roughly: the linear RAW then looks like the JPEG to keypoints and NCC
 WORK_SIZE = 1000  # long side of the keypoint images: the refit, not SIFT, brings sub-pixel accuracy
@@ -153,7 +154,7 @@ def _workers(count):
     Never forked from a process where TensorFlow runs: a fork copies a lock that one of its
     pool threads holds, locked forever in the child; there the work stays in this process
     (make_dataset.py aligns in a helper process that never imports TensorFlow)."""
-    if count <= 1 or "fork" not in multiprocessing.get_all_start_methods() or "tensorflow" in sys.modules:
+    if count <= 1 or "fork" not in multiprocessing.get_all_start_methods() or runtime.tensorflow_running():
         yield _in_process  # Windows cannot fork
         return
     with multiprocessing.get_context("fork").Pool(count, initializer=_worker_signals) as pool:

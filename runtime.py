@@ -26,6 +26,17 @@ def tensorflow_started() -> bool:
     return "tensorflow" in sys.modules
 
 
+def tensorflow_running() -> bool:
+    """Whether TensorFlow's runtime, with its thread pools, started in this process: the first
+    operation initializes its eager context; an import alone starts no pool. A layout of
+    TensorFlow's internals this does not know counts as running."""
+    context = sys.modules.get("tensorflow.python.eager.context")
+    if context is None:
+        return False
+    current = getattr(context, "_context", "unknown")
+    return current is not None and getattr(current, "_initialized", True) is not False
+
+
 @contextlib.contextmanager
 def c_stderr_captured():
     """Collect what C libraries print straight to file descriptor 2 in the block (LibRaw's

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import align
+import runtime
 import scenes
 from helpers import write_dng
 
@@ -251,18 +252,25 @@ def _signal_dispositions():
     return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
 
-def test_workers_are_forked_only_without_tensorflow(monkeypatch):
+def test_workers_are_forked_only_without_tensorflow_running(monkeypatch):
     """Forked workers leave Ctrl-C to their parent and die on SIGTERM; in a process where
-    TensorFlow runs, nothing is forked (a fork could copy a lock its threads hold)."""
+    TensorFlow's runtime runs, nothing is forked (a fork could copy a lock its threads hold)."""
     import os
     import signal
     import sys
+    from types import SimpleNamespace
 
-    with align._workers(2) as run:
-        answers = run(os.getpid, [()] * 4)
-        dispositions = run(_signal_dispositions, [()] * 2)
-    assert os.getpid() not in answers
-    assert all(d == (signal.SIG_IGN, signal.SIG_DFL) for d in dispositions)
-    monkeypatch.setitem(sys.modules, "tensorflow", sys)  # any module: only its presence counts
+    def eager_context(initialized):
+        context = None if initialized is None else SimpleNamespace(_initialized=initialized)
+        monkeypatch.setitem(sys.modules, "tensorflow.python.eager.context", SimpleNamespace(_context=context))
+
+    for state in (None, False):  # imported only, or its context made but not started: forked
+        eager_context(state)
+        with align._workers(2) as run:
+            assert os.getpid() not in run(os.getpid, [()] * 4)
+            assert run(_signal_dispositions, [()] * 2) == [(signal.SIG_IGN, signal.SIG_DFL)] * 2
+    eager_context(True)
     with align._workers(2) as run:
         assert run(os.getpid, [()] * 2) == [os.getpid()] * 2
+    monkeypatch.setitem(sys.modules, "tensorflow.python.eager.context", sys)  # a layout it does not know
+    assert runtime.tensorflow_running()
