@@ -148,8 +148,8 @@ class MemorySampler:
     """Samples the memory of this process's descendants every 0.5 s: each one's peak (VmHWM:
     since its exec for a spawned helper, whose getrusage peak would start from the RSS of the
     process it was forked from) and the largest sum of their proportional set sizes and this
-    process's at one time (PSS: a page that n processes share counts 1/n in each, so that forked
-    workers' shared pages are counted once). ``cpu``: the CPU seconds the sampling took (this
+    process's RSS at one time (PSS: a page that n processes share counts 1/n in each, so that
+    forked workers' shared pages are counted once). ``cpu``: the CPU seconds the sampling took (this
     process's, to be left out of the figures)."""
 
     def __init__(self):
@@ -168,7 +168,7 @@ class MemorySampler:
 
     def _run(self):
         while not self._stop.wait(0.5):
-            total = status_kib(os.getpid(), "Pss", "smaps_rollup")
+            total = status_kib(os.getpid(), "VmRSS")  # shares little with the spawned helper; its PSS is costly
             for pid in descendants(os.getpid()):
                 self.peaks[pid] = max(self.peaks.get(pid, 0), status_kib(pid, "VmHWM"))
                 total += status_kib(pid, "Pss", "smaps_rollup")
