@@ -58,8 +58,8 @@ def _multiple_of_32(value):
 
 
 SPEC = [
-    cli.Arg("pairs", str, None, "folder of the scenes: NAME.dng (or a single-channel NAME.png) and the reference's "
-            "NAME.jpg, .jpeg, .png, .tif or .tiff"),
+    cli.Arg("pairs", str, None, "required: the folder of the scenes, NAME.dng (or a single-channel NAME.png) and "
+            "the reference's NAME.jpg, .jpeg, .png, .tif or .tiff"),
     cli.Arg("output", str, "raw_images/mine/", "where the dataset goes (an earlier make_dataset.py output there "
             "is replaced)"),
     cli.Arg("patch_size", int, load_dataset.MOSAIC, "side of the patches, in mosaic pixels (load_dataset.py and "
@@ -252,13 +252,13 @@ def build(pairs_dir, output, patch_size=load_dataset.MOSAIC, min_ncc=0.9, test_f
           jpeg_quality=95, workers=align.WORKERS, overwrite=False, progress=True) -> dict:
     """Make the dataset (see the module's docstring); return the counts of pairs, usable scenes
     and patches per split. Ctrl-C or SIGTERM: cli.Interrupted, ``output`` as it was."""
+    check_output(output, pairs_dir, overwrite)
     found = pairs.find_pairs(pairs_dir)
     for _, message in found.skipped:
         warn(message)
     if not found.pairs:
         raise cli.UserError(f"{pairs_dir}: no scene pairs (NAME.dng or a single-channel NAME.png beside NAME.jpg, "
                             f".jpeg, .png, .tif or .tiff)")
-    check_output(output, pairs_dir, overwrite)
     made_output = not os.path.isdir(output)
     os.makedirs(output, exist_ok=True)
     files.remove_stale_temps(output)
