@@ -294,7 +294,11 @@ def test_overwrite_replaces_a_dataset_from_a_png_raw_and_a_tiff(tmp_path, made):
     Image.fromarray(photo).save(folder / "astro.tif")  # 8-bit: Pillow cannot write 16-bit RGB
     out = tmp_path / "out"
     zrr_like(out, load_dataset.MARKER_FILE)
-    counts, stdout, _ = build_quietly(str(folder), str(out), overwrite=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / f".building-{gone.pid}" / "train").mkdir(parents=True)  # what a killed run left
+    counts, stdout, err = build_quietly(str(folder), str(out), overwrite=True)
+    assert f"removed 1 temporary file(s) left in {out} by an interrupted run (.building-{gone.pid})" in err
     assert os.path.basename(png_raw) == "astro.png" and counts["train"] >= 2 and counts["test"] == 0
     assert (out / "mine.txt").read_text() == "keep me" and not (out / load_dataset.MARKER_FILE).exists()
     assert load_dataset.dataset_kind(out) == load_dataset.KIND_OWN and not (out / "test").exists()
