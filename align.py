@@ -20,11 +20,14 @@ one per site, at a quarter of the cost, and sub-pixel fits there still resolve 0
 import contextlib
 import itertools
 import multiprocessing
+import signal
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage, sparse
 from skimage import feature, measure, transform
+
+import runtime
 
 GAMMA = 2.2  # sRGB's tone, roughly: the linear RAW then looks like the JPEG to keypoints and NCC
 WORK_SIZE = 1000  # long side of the keypoint images: the refit, not SIFT, brings sub-pixel accuracy
@@ -57,6 +60,9 @@ class AlignmentFailed(Exception):
     def __init__(self, reason):
         super().__init__(reason)
         self.reason = reason
+
+
+STATUSES = ("kept", "outside", "black", "clipped", "flat", "ncc", "parallax")  # a window's fate
 
 
 @dataclass
@@ -143,12 +149,23 @@ class _Scene:
 
 @contextlib.contextmanager
 def _workers(count):
-    """Yield a starmap running on ``count`` forked processes, or in this one if ``count`` is 1."""
-    if count <= 1 or "fork" not in multiprocessing.get_all_start_methods():  # Windows cannot fork
-        yield _in_process
+    """Yield a starmap running on ``count`` forked processes, or in this one if ``count`` is 1.
+
+    Never forked from a process where TensorFlow runs: a fork copies a lock that one of its
+    pool threads holds, locked forever in the child; there the work stays in this process
+    (make_dataset.py aligns in a helper process that never imports TensorFlow)."""
+    if count <= 1 or "fork" not in multiprocessing.get_all_start_methods() or runtime.tensorflow_running():
+        yield _in_process  # Windows cannot fork
         return
-    with multiprocessing.get_context("fork").Pool(count) as pool:
+    with multiprocessing.get_context("fork").Pool(count, initializer=_worker_signals) as pool:
         yield pool.starmap
+
+
+def _worker_signals():
+    """Ctrl-C reaches the whole process group: the parent decides, and its pool's terminate()
+    (SIGTERM) ends a worker without a traceback, even where the parent handles SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _in_process(function, tasks):

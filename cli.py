@@ -58,6 +58,26 @@ def signals_as_interrupts():
             signal.signal(number, old)
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """In the block, Ctrl-C and SIGTERM wait: a few renames that must not stop half-way finish,
+    then the first signal caught takes effect as it would have (the handlers outside the block);
+    outside the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {number: signal.signal(number, lambda signum, frame: caught.append(signum))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+        if caught:
+            signal.raise_signal(caught[0])
+
+
 def run(main: Callable[[list], Any], argv=None) -> int:
     """Run a script's ``main(argv)`` and map user errors to one line and an exit code."""
     argv = sys.argv[1:] if argv is None else argv

@@ -4,12 +4,19 @@
     python evaluate_accuracy.py orig=false level=1 restore_iter=35000
     python evaluate_accuracy.py model=baseline                   # what a plain ISP scores on the same patches
     python evaluate_accuracy.py csv=results/scores.csv           # one line per test patch
+    python evaluate_accuracy.py dataset_dir=raw_images/mine/ align=true   # targets not pixel-aligned
 
 The reference protocol: every patch of {dataset_dir}/test/ (huawei_raw/{i}.png against
 canon/{i}.jpg), the network's output of the level *unclipped*, PSNR with data range 1 and
 MS-SSIM (tf.image.ssim_multiscale, TF's defaults) per patch, averaged over the patches. The
 same metrics are also given for the output clipped to [0, 1] and rounded to 8 bits, i.e. what
 a saved picture scores, plus single-scale SSIM.
+
+``align=true`` (not the reference's protocol) first moves each target onto the output by the
+sub-pixel shift that phase correlation of their luminances finds, and crops the border the
+shift invalidates from both: for your own camera's data (make_dataset.py), whose targets stay
+a fraction of a pixel off the RAW, so that the score says how good the picture is rather than
+how well the pair was aligned.
 """
 
 import csv
@@ -50,6 +57,9 @@ ARGS = [
     Arg("models_dir", str, "models/", "folder of the trained checkpoints"),
     utils.precision_arg(),
     utils.force_bf16_arg(),
+    Arg("align", cli.BOOL, False, "move each target onto the output by a sub-pixel shift (phase correlation of "
+        "luminances) and crop the border it invalidates before scoring, for targets not pixel-aligned with the "
+        "RAW; false = the reference's protocol"),
     Arg("black_level", float, camera.BLACK_LEVEL, "model=baseline: the sensor's black level, in code values",
         check=lambda v: None if 0 <= v < camera.WHITE_LEVEL else
         f"a value from 0 to below {camera.WHITE_LEVEL} (the sensor's code values)"),
@@ -91,11 +101,44 @@ def all_metrics(enhanced, target) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# a target moved onto the output (align=true)
+
+LUMA = np.array([0.299, 0.587, 0.114])  # Rec. 601
+ALIGN_PRECISION = 20  # phase correlation refined to 1/20 pixel
+ALIGN_REACH = 8  # a shift beyond 1/8 of the side is no misalignment but a mismatch: left unaligned
+
+
+def align_target(enhanced, target):
+    """(output, target, shift) of one H x W x 3 image: the target moved onto the output by the
+    sub-pixel shift (dy, dx) that phase correlation of their luminances finds (cubic spline),
+    then both cropped by ceil(largest |shift|) pixels on every side, the border the shift
+    invalidates. A shift beyond 1/ALIGN_REACH of the side leaves both as they are, shift NaN."""
+    from scipy import ndimage
+    from skimage.filters import window
+    from skimage.registration import phase_cross_correlation
+
+    enhanced, target = np.asarray(enhanced, np.float64), np.asarray(target, np.float64)
+    # A plain cross-correlation (whitening, normalization="phase", lets the outputs' noise outvote
+    # their picture) of Hann-windowed luminances: the DFT's correlation is circular, and the
+    # mismatch of opposite borders would pull the shift towards 0.
+    taper = window("hann", target.shape[:2])
+    lum = [(image @ LUMA - np.mean(image @ LUMA)) * taper for image in (enhanced, target)]
+    shift = phase_cross_correlation(*lum, upsample_factor=ALIGN_PRECISION, normalization=None)[0]
+    if np.abs(shift).max() > min(target.shape[:2]) / ALIGN_REACH:
+        return enhanced, target, np.full(2, np.nan)
+    moved = ndimage.shift(target, (*shift, 0), order=3, mode="nearest")
+    border = int(np.ceil(np.abs(shift).max()))
+    inside = (slice(border, target.shape[0] - border), slice(border, target.shape[1] - border))
+    return enhanced[inside], moved[inside], shift
+
+
+# ---------------------------------------------------------------------------------------
 # evaluation
 
-def evaluate(predict, batches, total=None, progress=True) -> dict:
+def evaluate(predict, batches, total=None, progress=True, align=False) -> dict:
     """Score ``predict`` (packed batch -> output batch) on ``batches`` of (packed, target):
-    a dict of per-image arrays (see all_metrics), in the order of the patches."""
+    a dict of per-image arrays (see all_metrics), in the order of the patches; ``align``: each
+    target moved onto its output first (align_target), the shifts under "shift" (N x 2)."""
     parts = {}
     with tqdm(total=total, unit="patch", desc="evaluating", disable=None if progress else True) as bar:
         for packed, target in batches:
@@ -103,8 +146,14 @@ def evaluate(predict, batches, total=None, progress=True) -> dict:
             enhanced = np.asarray(predict(packed))
             if enhanced.shape != target.shape:
                 raise UserError(f"output of shape {enhanced.shape[1:]} does not match the target's {target.shape[1:]}")
-            for name, values in all_metrics(enhanced, target).items():
-                parts.setdefault(name, []).append(values)
+            pairs = [(enhanced, target)]
+            if align:  # one image at a time: the crops differ
+                moved = [align_target(e, t) for e, t in zip(enhanced, target)]
+                pairs = [(e[None], t[None]) for e, t, _ in moved]
+                parts.setdefault("shift", []).append(np.array([s for _, _, s in moved]))
+            for output, goal in pairs:
+                for name, values in all_metrics(output, goal).items():
+                    parts.setdefault(name, []).append(values)
             bar.update(len(packed))
     return {name: None if any(v is None for v in values) else np.concatenate(values)
             for name, values in parts.items()}
@@ -124,17 +173,33 @@ def summary(scores, image_side=None) -> str:
         size = f" ({image_side}x{image_side})" if image_side else ""
         lines.append(f"MS-SSIM: n/a: the level's images{size} are too small for 5-scale MS-SSIM "
                      f"(levels 0 and 1 of 224x224 patches are large enough)")
+    if "shift" in scores:
+        lines.append(alignment_line(scores["shift"]))
     return "\n".join(lines)
+
+
+def alignment_line(shifts) -> str:
+    """What align=true did: the shifts found and the patches left as they were."""
+    found = np.hypot(*np.asarray(shifts, np.float64).reshape(-1, 2).T)
+    moved = found[np.isfinite(found)]
+    line = ("align=true (not the reference's protocol): each target moved onto its output by a sub-pixel shift "
+            "(phase correlation) and the border it invalidates cropped from both; ")
+    line += f"shift mean {moved.mean():.2f} px, largest {moved.max():.2f} px" if moved.size else "no patch moved"
+    unmoved = len(found) - len(moved)
+    return line + (f"; {unmoved} patch(es) left unaligned (shift above 1/{ALIGN_REACH} of the side: output and "
+                   f"target do not correspond)" if unmoved else "")
 
 
 def write_csv(path: str, names, scores) -> None:
     """One line per patch: its file name and every metric (empty where not applicable)."""
     columns = list(METRICS) + [f"{name}_8bit" for name in METRICS]
+    shifts = scores.get("shift")
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["patch"] + columns)
+    writer.writerow(["patch"] + columns + (["shift_y", "shift_x"] if shifts is not None else []))
     for i, name in enumerate(names):
-        writer.writerow([name] + ["" if scores[c] is None else f"{scores[c][i]:.6f}" for c in columns])
+        row = [name] + ["" if scores[c] is None else f"{scores[c][i]:.6f}" for c in columns]
+        writer.writerow(row + ([f"{v:.3f}" for v in shifts[i]] if shifts is not None else []))
     files.write_file(path, text.getvalue().encode())
 
 
@@ -193,7 +258,7 @@ def evaluate_and_report(args) -> dict:
     dataset, log = data_pipeline.test_dataset(args["dataset_dir"], level, args["batch_size"],
                                               drop_remainder=False, indices=indices)
     predict = predictor(args)
-    scores = evaluate(predict, data_pipeline.batches(dataset, log), total=len(indices))
+    scores = evaluate(predict, data_pipeline.batches(dataset, log), total=len(indices), align=args["align"])
     print(f"{len(indices)} test patches")
     print(summary(scores, load_dataset.target_size(level)))
     if args["csv"]:

@@ -14,7 +14,7 @@ import shutil
 import stat
 import sys
 
-from cli import UserError
+from cli import UserError, signals_deferred
 
 
 def is_url(path) -> bool:
@@ -160,7 +160,8 @@ def atomic_path(path: str):
 
 # Temporary names of this project's writers, with the writer's process id: atomic_path's
 # ".{stem}.tmp{pid}{ext}", the checkpoints' "{prefix}.tmp{pid}.*" and TensorFlow's
-# "{prefix}.tmp{pid}_temp/" beside them, make_sample_dataset's ".building-{pid}/".
+# "{prefix}.tmp{pid}_temp/" beside them, the ".building-{pid}/" of make_sample_dataset.py and
+# make_dataset.py.
 _TEMP_NAME = re.compile(r"^(?:\..+\.tmp(?P<a>\d+)(?:\.\w+)?"
                         r"|pynet_level_\d+_iteration_\d+\.ckpt(?:\.train_state)?\.tmp(?P<b>\d+)(?:\..+|_temp)"
                         r"|\.building-(?P<c>\d+))$")
@@ -218,6 +219,21 @@ def write_file(path: str, data: bytes) -> None:
     with atomic_path(path) as tmp:
         with open_file(tmp, "wb") as handle:
             handle.write(data)
+
+
+def swap_in(work: str, folder: str, names, replaced=()) -> None:
+    """Move the entries ``names`` built in ``work`` into ``folder`` and, first, those of
+    ``replaced`` that ``folder`` holds out into ``work`` (they go when it is removed). Renames
+    only, each atomic, and Ctrl-C or SIGTERM waits until all are done (cli.signals_deferred):
+    an interrupted run leaves the old entries or the new ones, not a mix. Local folders."""
+    old = os.path.join(work, ".replaced")
+    with signals_deferred():
+        os.makedirs(old, exist_ok=True)
+        for name in replaced:
+            if os.path.lexists(os.path.join(folder, name)):
+                os.replace(os.path.join(folder, name), os.path.join(old, name))
+        for name in names:
+            os.replace(os.path.join(work, name), os.path.join(folder, name))
 
 
 def require_file(path) -> None:

@@ -1,4 +1,4 @@
-"""Image files: PNG mosaics and JPEG targets read and checked, pictures written.
+"""Image files: PNG mosaics, JPEG targets and reference photos read and checked, pictures written.
 
 Every reader checks before it decodes and reports a bad file in one line naming it; every
 writer encodes in memory and writes atomically (files.write_file).
@@ -111,6 +111,41 @@ def read_jpeg(path: str, data: bytes = None):
         raise UserError(f"{path}: cannot decode the JPEG ({reason}): the file is corrupt or truncated") from None
 
 
+# Pillow's modes a photo may come in, and how each becomes RGB: an alpha or padding channel
+# dropped, a palette or YCbCr converted. 16-bit RGB PNGs and TIFFs open as "RGB", each sample
+# reduced to its high byte by Pillow's decoder.
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "RGBa", "P", "PA", "YCbCr")
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def read_photo(path: str):
+    """A colour photo (JPEG, PNG or TIFF, told by its content) as H x W x 3 uint8 RGB: a JPEG
+    strictly (read_jpeg), a PNG or TIFF through Pillow, 16-bit samples reduced to 8 bits (their
+    high byte), an alpha channel dropped. Greyscale, CMYK and other non-RGB images are refused
+    with one line naming the file, as are files of other formats and damaged ones."""
+    require_file(path)
+    data = read_bytes(path)
+    if data[:3] == b"\xff\xd8\xff":
+        return read_jpeg(path, data)
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG", "TIFF"]) as image:
+            mode = image.mode
+            if mode in _GREY_MODES:
+                raise UserError(f"{path}: a greyscale image (mode {mode}): expected the reference camera's colour "
+                                f"photo (RGB)")
+            if mode not in _COLOUR_MODES:
+                raise UserError(f"{path}: a {mode} image: expected an RGB photo (save it as RGB JPEG, PNG or TIFF)")
+            image.load()
+            rgb = np.asarray(image if mode == "RGB" else image.convert("RGB"))
+    except UserError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for bad files
+        if isinstance(exc, Image.UnidentifiedImageError) and data:
+            raise UserError(f"{path}: not a JPEG, PNG or TIFF photo") from None
+        raise UserError(f"{path}: cannot read the photo ({pillow_reason(exc, data)})") from None
+    return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+
 def to_uint(image, bits: int = 8, stretch: bool = False):
     """Float RGB in [0, 1] to uint8/uint16: clipped, or min-max stretched per image as the
     reference's ``scipy.misc.imsave`` did (``stretch=True``)."""
@@ -139,6 +174,14 @@ def write_png(path: str, image, compression: int = -1) -> None:
     if image.dtype not in (np.uint8, np.uint16):
         raise ValueError(f"write_png takes uint8 or uint16 images, not {image.dtype}")
     write_file(path, tf.io.encode_png(image, compression=compression).numpy())
+
+
+def write_mosaic(path: str, mosaic) -> None:
+    """Write a Bayer mosaic as ZRR stores them: an 8-bit PNG when every value fits in 8 bits,
+    else a 16-bit PNG (fast compression: mosaics are noisy and compress little more)."""
+    mosaic = np.asarray(mosaic)
+    small = mosaic.size and int(mosaic.max()) <= 255
+    write_png(path, mosaic.astype(np.uint8) if small else mosaic.astype(np.uint16), compression=1)
 
 
 def write_jpeg(path: str, image, quality: int = 95) -> None:

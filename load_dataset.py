@@ -37,10 +37,13 @@ PATCH = MOSAIC // 2           # side of the packed network input (224)
 SPLITS = ("train", "test")
 RAW_FOLDER, TARGET_FOLDER, FULL_RES_FOLDER = "huawei_raw", "canon", "huawei_full_resolution"
 
-# A dataset made by make_sample_dataset.py carries this file at its root.
+# A dataset made by make_sample_dataset.py carries this file at its root, one made by
+# make_dataset.py from your own camera's pairs the other.
 MARKER_FILE = "SYNTHETIC_SAMPLE.txt"
+OWN_MARKER_FILE = "MADE_BY_MAKE_DATASET.txt"
 KIND_ZRR = "ZRR"
 KIND_SYNTHETIC = "synthetic sample (made by make_sample_dataset.py)"
+KIND_OWN = "your camera's dataset (made by make_dataset.py)"
 
 _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _RAW_NAME = re.compile(r"^(\d+)\.png$")
@@ -191,8 +194,11 @@ def load_pair(dataset_dir, split, index, level, patch=PATCH, k=0, flip=False, of
 # dataset layout
 
 def dataset_kind(dataset_dir) -> str:
-    """"ZRR", or the synthetic-sample label when make_sample_dataset.py's marker file is present."""
-    return KIND_SYNTHETIC if files.isfile(os.path.join(dataset_dir, MARKER_FILE)) else KIND_ZRR
+    """"ZRR", or the label of the tool whose marker file is present (make_sample_dataset.py's,
+    make_dataset.py's)."""
+    if files.isfile(os.path.join(dataset_dir, MARKER_FILE)):
+        return KIND_SYNTHETIC
+    return KIND_OWN if files.isfile(os.path.join(dataset_dir, OWN_MARKER_FILE)) else KIND_ZRR
 
 
 def describe_dataset(dataset_dir) -> str:
@@ -200,6 +206,8 @@ def describe_dataset(dataset_dir) -> str:
     kind = dataset_kind(dataset_dir)
     if kind == KIND_SYNTHETIC:
         return f"dataset: {dataset_dir} is a {kind}, NOT the Zurich RAW-to-RGB dataset (see {MARKER_FILE})"
+    if kind == KIND_OWN:
+        return f"dataset: {dataset_dir} is {kind}, in the ZRR layout (see {OWN_MARKER_FILE})"
     return f"dataset: {dataset_dir} ({kind} layout)"
 
 

@@ -108,12 +108,6 @@ def random_crop(photo, height, width, rs, max_zoom=1.5):
 # ---------------------------------------------------------------------------------------
 # writing
 
-def write_mosaic_png(path, mosaic):
-    """As ZRR: an 8-bit PNG when every value fits in 8 bits, else a 16-bit PNG."""
-    images.write_png(path, mosaic.astype(np.uint8) if int(mosaic.max()) <= 255 else mosaic.astype(np.uint16),
-                     compression=1)
-
-
 def marker_text(sources, args, counts) -> str:
     lines = [
         "SYNTHETIC SAMPLE DATASET - NOT the Zurich RAW-to-RGB (ZRR) dataset.",
@@ -181,12 +175,12 @@ def build(output_dir, photos=None, train=300, test=60, full=2, full_height=768, 
             if split == "full":
                 crop = random_crop(photo, full_height, full_width, rs, max_zoom=1.0)
                 mosaic, _ = unprocess(crop, rs, noise, black_level)
-                write_mosaic_png(os.path.join(work, "test", load_dataset.FULL_RES_FOLDER, f"{name}_{i}.png"), mosaic)
+                images.write_mosaic(os.path.join(work, "test", load_dataset.FULL_RES_FOLDER, f"{name}_{i}.png"), mosaic)
                 images.write_png(os.path.join(work, "test", FULL_RES_TARGET_FOLDER, f"{name}_{i}.png"), crop)
                 continue
             crop = random_crop(photo, MOSAIC, MOSAIC, rs)
             mosaic, _ = unprocess(crop, rs, noise, black_level)
-            write_mosaic_png(os.path.join(work, split, load_dataset.RAW_FOLDER, f"{i}.png"), mosaic)
+            images.write_mosaic(os.path.join(work, split, load_dataset.RAW_FOLDER, f"{i}.png"), mosaic)
             images.write_jpeg(os.path.join(work, split, load_dataset.TARGET_FOLDER, f"{i}.jpg"), crop, jpeg_quality)
         sources = [(name, credit) for name, _, credit in photos]
         args = dict(seed=seed, noise=noise, black_level=black_level, jpeg_quality=jpeg_quality,

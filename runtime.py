@@ -28,6 +28,17 @@ def tensorflow_started() -> bool:
     return "tensorflow" in sys.modules
 
 
+def tensorflow_running() -> bool:
+    """Whether TensorFlow's runtime, with its thread pools, started in this process: the first
+    operation initializes its eager context; an import alone starts no pool. A layout of
+    TensorFlow's internals this does not know counts as running."""
+    context = sys.modules.get("tensorflow.python.eager.context")
+    if context is None:
+        return False
+    current = getattr(context, "_context", "unknown")
+    return current is not None and getattr(current, "_initialized", True) is not False
+
+
 @contextlib.contextmanager
 def c_stderr_captured():
     """Collect what C libraries print straight to file descriptor 2 in the block (LibRaw's
@@ -314,3 +325,120 @@ def return_freed_memory(threshold=1 << 20):
         libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD (also stops its adjustment)
     except (OSError, AttributeError):
         pass
+
+
+# ---------------------------------------------------------------------------------------
+# work kept out of a process where TensorFlow runs
+
+class HelperDied(Exception):
+    """The helper process ended without answering (killed, out of memory...)."""
+
+
+class CleanProcess:
+    """Runs calls one at a time in a helper process started from a fresh interpreter
+    (multiprocessing's spawn), where TensorFlow is never imported unless a call imports it.
+
+    Why: work that forks (align.py's pool of workers) must not fork a process whose
+    TensorFlow thread pools are running: a lock one of their threads holds at the fork stays
+    locked forever in the child. The caller may then start TensorFlow whenever it likes
+    (images.write_png does). The helper ignores Ctrl-C, which reaches the whole process group:
+    the caller decides, and close(stop=True) ends the helper and its own children.
+
+        with runtime.CleanProcess() as helper:
+            value = helper.call(function, *args)  # a module-level function and picklable arguments
+            helper.submit(function, *args)        # or: the call runs while this process works on,
+            value = helper.result()               # and its value is collected later
+    """
+
+    def __init__(self):
+        self._process = self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.close(stop=kind is not None)
+
+    def call(self, function, *args):
+        """Return ``function(*args)`` run in the helper (see result)."""
+        self.submit(function, *args)
+        return self.result()
+
+    def submit(self, function, *args):
+        """Start ``function(*args)`` in the helper; result() returns its value. One at a time."""
+        if self._process is None:
+            self._start()
+        self._conn.send((function, args))
+
+    def result(self):
+        """The value of the call submitted; its exception is raised here, with the helper's
+        traceback as a note; HelperDied if the helper ends without answering."""
+        try:
+            ok, value = self._conn.recv()
+        except (EOFError, ConnectionResetError):
+            self._process.join(5)
+            code = self._process.exitcode
+            self.close(stop=True)
+            killed = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise HelperDied(f"the helper process ended without an answer ({killed}; out of memory?)") from None
+        if ok:
+            return value
+        raise value
+
+    def close(self, stop=False):
+        """End the helper: let it finish (it waits for no more calls) or, with ``stop``, stop it now."""
+        if self._process is None:
+            return
+        if not stop:
+            try:
+                self._conn.send(None)
+            except OSError:
+                stop = True
+        if stop and self._process.is_alive():
+            self._process.terminate()
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._conn.close()
+        self._process = self._conn = None
+
+    def _start(self):
+        import multiprocessing  # here: most scripts never start a helper
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        self._process = context.Process(target=_serve, args=(theirs,), name="clean helper")
+        self._process.start()
+        theirs.close()
+
+
+def _serve(conn):
+    """The helper's loop: run each call received and send back (ok, value or exception)."""
+    import pickle
+    import signal
+    import traceback
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)  # unwinds the call, so that a pool of workers it started is ended
+    try:
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            function, args = task
+            try:
+                answer = (True, function(*args))
+            except Exception as exc:
+                exc.add_note(f"in the helper process:\n{traceback.format_exc().rstrip()}")
+                try:
+                    pickle.dumps(exc)
+                except Exception:
+                    exc = RuntimeError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc().rstrip()}")
+                answer = (False, exc)
+            conn.send(answer)
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        return

@@ -1,24 +1,27 @@
-"""Benchmark of the alignment engine (align.align_scene) on a 12 MP pair, the size of a phone's
-photo: the wall time and peak memory of aligning one scene and cutting its 448 x 448 windows,
-everything the engine does included, the file reading excluded.
+"""Benchmark of make_dataset.py on a 12 MP pair, the size of a phone's photo: the alignment
+engine alone (align.align_scene on arrays in memory) and the whole path of one scene (reading a
+12 MP DNG and a 24 MP JPEG, aligning, cutting and writing the 448 x 448 patches), each in a
+fresh child process that reports its wall time, CPU seconds and peak RSS.
 
-The pair is synthetic and built in memory: a collage of scikit-image's bundled photographs
-upscaled to a 24 MP reference (6000 x 4000 by default), and the RAW mosaic (4000 x 3000) of the
-same scene seen through a known homography (0.75 mosaic pixels per reference pixel, a 1.5 degree
-rotation, a little perspective, a narrower field of view), unprocessed into a 10-bit RGGB mosaic
-as tests/scenes.py does, in a process of its own. The engine runs in a fresh child process that
-loads the two arrays and reports its own peak RSS (getrusage), so the figure is the engine's
-with its inputs.
+The pair is synthetic: a collage of scikit-image's bundled photographs upscaled to a 24 MP
+reference (6000 x 4000 by default), and the RAW mosaic (4000 x 3000) of the same scene seen
+through a known homography (0.75 mosaic pixels per reference pixel, a 1.5 degree rotation, a
+little perspective, a narrower field of view), unprocessed into a 10-bit RGGB mosaic as
+tests/scenes.py does, in a process of its own; the whole path reads it as a 10-bit DNG (pidng)
+beside the reference as a JPEG of quality 95.
 
     python benchmarks/bench_make_dataset.py [patch_size=448] [width=6000] [height=4000] [scale=0.75]
-                                            [workers=2] [json=out.json]
+                                            [workers=2] [parts=align,make] [json=out.json]
 
 Prints one line per measurement: the machine and its load (the cores are shared: compare the
-CPU seconds, which the load does not inflate, as well as the wall time), the pair, the wall
-time and CPU seconds, the peak RSS of the engine's process and of its largest worker (a forked
-worker's RSS counts the pages it shares with the engine, so their sum is an upper bound), the
-keypoints, the windows kept and dropped by reason, and the error of the recovered homography
-against the true one (mosaic pixels, over the frame).
+CPU seconds, which the load does not inflate, as well as the wall time); for align_scene, the
+peak RSS of the engine's process and of its largest worker (a forked worker's RSS counts the
+pages it shares with the engine, so their sum is an upper bound), the keypoints, the windows
+kept and dropped by reason, and the error of the recovered homography against the true one
+(mosaic pixels, over the frame); for make_dataset.py, the CPU seconds of all its processes
+and the peak RSS of its main process (TensorFlow's PNG encoder included) and of the largest
+of its helper processes (the alignment), sampled from /proc, with the largest sum of all its
+processes' PSS at one time, and the patches written.
 """
 
 import json
@@ -38,7 +41,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-DEFAULTS = {"patch_size": 448, "width": 6000, "height": 4000, "scale": 0.75, "workers": 2, "json": ""}
+DEFAULTS = {"patch_size": 448, "width": 6000, "height": 4000, "scale": 0.75, "workers": 2, "parts": "align,make",
+            "json": ""}
 TILES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "astronaut", "rocket", "coffee", "chelsea")
 
 
@@ -80,14 +84,26 @@ def synthetic_pair(width, height, scale, seed=0):
     matrix = scenes.homography(shape, reference.shape, scale=scale, angle=1.5, tilt=(2e-6, -1e-6), offset=(40.0, -25.0))
     sigma = 0.5 / scale
     channels = [ndimage.gaussian_filter(reference[..., c].astype(np.float32), sigma) for c in range(3)]
-    rng = np.random.default_rng(seed)
-    mosaic = np.empty(shape, np.uint16)
+    rgb = np.empty(shape + (3,), np.uint8)
     for top in range(0, shape[0], 500):  # in bands of rows: a 12 MP frame of float64 coordinates is 200 MB
         y, x = np.mgrid[top:min(top + 500, shape[0]), 0:shape[1]].astype(np.float64)
         rx, ry = scenes.apply(matrix, x, y)
-        rgb = np.stack([ndimage.map_coordinates(c, [ry, rx], order=1, mode="nearest") for c in channels], -1)
-        mosaic[top:top + len(y)] = scenes.unprocess(rgb, rng)
+        band = np.stack([ndimage.map_coordinates(c, [ry, rx], order=1, mode="nearest") for c in channels], -1)
+        rgb[top:top + len(y)] = np.clip(np.rint(band), 0, 255)
+    mosaic = scenes.to_mosaic(rgb, seed)  # one camera for the whole frame
     return mosaic, reference, matrix
+
+
+def cpu_seconds(start, end):
+    """CPU seconds of this process and of its children waited for, between two os.times()."""
+    return (end.user + end.system + end.children_user + end.children_system
+            - start.user - start.system - start.children_user - start.children_system)
+
+
+def peaks():
+    """Peak RSS (MiB) of this process and of the largest of its children waited for."""
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0)
 
 
 def child(folder, patch_size, workers):
@@ -97,15 +113,90 @@ def child(folder, patch_size, workers):
     mosaic, reference = np.load(os.path.join(folder, "mosaic.npy")), np.load(os.path.join(folder, "reference.npy"))
     start, cpu = time.perf_counter(), os.times()
     result = align.align_scene(mosaic, reference, patch_size=patch_size, workers=workers)
-    wall, end = time.perf_counter() - start, os.times()
-    seconds = (end.user + end.system + end.children_user + end.children_system
-               - cpu.user - cpu.system - cpu.children_user - cpu.children_system)
-    figures = {"wall_s": wall, "cpu_s": seconds, "workers": workers,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-               "worker_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
-               "matches": result.matches, "inliers": result.inliers, "residual_px": result.residual,
-               "statuses": dict(Counter(w.status for w in result.windows)), "homography": result.homography.tolist()}
+    wall, seconds = time.perf_counter() - start, cpu_seconds(cpu, os.times())
+    engine, worker = peaks()
+    figures = {"wall_s": wall, "cpu_s": seconds, "workers": workers, "peak_rss_mib": engine,
+               "worker_peak_rss_mib": worker, "matches": result.matches, "inliers": result.inliers,
+               "residual_px": result.residual, "statuses": dict(Counter(w.status for w in result.windows)),
+               "homography": result.homography.tolist()}
     with open(os.path.join(folder, "figures.json"), "w") as handle:
+        json.dump(figures, handle)
+
+
+def descendants(pid):
+    """The process ids under ``pid`` (Linux /proc), children before their own children."""
+    found = []
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            children = [int(c) for c in handle.read().split()]
+    except OSError:
+        return found
+    for child_pid in children:
+        found += [child_pid] + descendants(child_pid)
+    return found
+
+
+def status_kib(pid, field, table="status"):
+    try:
+        with open(f"/proc/{pid}/{table}") as handle:
+            return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return 0
+
+
+class MemorySampler:
+    """Samples the memory of this process's descendants every 0.5 s: each one's peak (VmHWM:
+    since its exec for a spawned helper, whose getrusage peak would start from the RSS of the
+    process it was forked from) and the largest sum of their proportional set sizes and this
+    process's RSS at one time (PSS: a page that n processes share counts 1/n in each, so that
+    forked workers' shared pages are counted once). ``cpu``: the CPU seconds the sampling took (this
+    process's, to be left out of the figures)."""
+
+    def __init__(self):
+        import threading
+
+        self.peaks, self.total, self.cpu, self._stop = {}, 0, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            total = status_kib(os.getpid(), "VmRSS")  # shares little with the spawned helper; its PSS is costly
+            for pid in descendants(os.getpid()):
+                self.peaks[pid] = max(self.peaks.get(pid, 0), status_kib(pid, "VmHWM"))
+                total += status_kib(pid, "Pss", "smaps_rollup")
+            self.total = max(self.total, total)
+            self.cpu = time.thread_time()
+
+
+def child_make(folder, patch_size, workers):
+    """Run make_dataset.py's main on the DNG and JPEG of the pair (this is the fresh process)."""
+    import contextlib
+    import io
+
+    import make_dataset
+
+    output = os.path.join(folder, "dataset")
+    printed = io.StringIO()
+    start, cpu = time.perf_counter(), os.times()
+    with contextlib.redirect_stdout(printed), MemorySampler() as memory:
+        make_dataset.main([f"pairs={os.path.join(folder, 'pairs')}", f"output={output}", f"patch_size={patch_size}",
+                           f"workers={workers}", "progress=false"])
+    wall, seconds = time.perf_counter() - start, cpu_seconds(cpu, os.times()) - memory.cpu
+    main_process = peaks()[0]
+    figures = {"wall_s": wall, "cpu_s": seconds, "sampling_cpu_s": memory.cpu, "peak_rss_mib": main_process,
+               "helper_peak_rss_mib": max(memory.peaks.values(), default=0) / 1024.0,
+               "all_processes_peak_pss_mib": memory.total / 1024.0,
+               "patches": len(os.listdir(os.path.join(output, "train", "huawei_raw"))),
+               "scene_line": printed.getvalue().splitlines()[0]}
+    with open(os.path.join(folder, "make.json"), "w") as handle:
         json.dump(figures, handle)
 
 
@@ -120,42 +211,21 @@ def homography_error(found, true, shape):
 
 
 def make(folder, width, height, scale):
-    """Build the pair and save it with its true homography (a process of its own, see main)."""
+    """Build the pair and save it with its true homography, and as a DNG and a JPEG (a process
+    of its own, see main)."""
+    from PIL import Image
+
+    from helpers import write_dng
+
     mosaic, reference, matrix = synthetic_pair(width, height, scale)
     for name, array in (("mosaic", mosaic), ("reference", reference), ("homography", matrix)):
         np.save(os.path.join(folder, f"{name}.npy"), array)
+    os.makedirs(os.path.join(folder, "pairs"))
+    write_dng(os.path.join(folder, "pairs", "scene.dng"), mosaic, "RGGB", 10, 64, 1023)
+    Image.fromarray(reference).save(os.path.join(folder, "pairs", "scene.jpg"), quality=95)
 
 
-def main(argv):
-    if argv[:1] == ["--make"]:
-        return make(argv[1], int(argv[2]), int(argv[3]), float(argv[4]))
-    if argv[:1] == ["--child"]:
-        return child(argv[1], int(argv[2]), int(argv[3]))
-    if argv[:1] in (["help"], ["-h"], ["--help"]):
-        print(__doc__)
-        return
-    options = parse(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
-    script = os.path.abspath(__file__)
-    # This process never holds the pair: a child's getrusage peak starts from its parent's
-    # memory (it is forked before it executes), so the parent stays small.
-    with tempfile.TemporaryDirectory(prefix="bench_align_") as folder:
-        start = time.perf_counter()
-        subprocess.run([sys.executable, script, "--make", folder, str(options["width"]), str(options["height"]),
-                        str(options["scale"])], check=True)
-        built = time.perf_counter() - start
-        mosaic = np.load(os.path.join(folder, "mosaic.npy"), mmap_mode="r")
-        reference = np.load(os.path.join(folder, "reference.npy"), mmap_mode="r")
-        shape, matrix = mosaic.shape, np.load(os.path.join(folder, "homography.npy"))
-        print(f"pair: mosaic {shape[1]}x{shape[0]} ({mosaic.size / 1e6:.1f} MP), reference "
-              f"{reference.shape[1]}x{reference.shape[0]} ({reference.shape[0] * reference.shape[1] / 1e6:.1f} MP), "
-              f"built in {built:.1f} s")
-        del mosaic, reference
-        subprocess.run([sys.executable, script, "--child", folder, str(options["patch_size"]),
-                        str(options["workers"])], check=True)
-        with open(os.path.join(folder, "figures.json")) as handle:
-            figures = json.load(handle)
+def report_align(figures, matrix, shape):
     figures["homography_error_px"] = homography_error(figures["homography"], matrix, shape)
     statuses = figures["statuses"]
     print(f"align_scene wall time: {figures['wall_s']:.1f} s with {figures['workers']} worker(s) (target <= 30 s), "
@@ -168,9 +238,64 @@ def main(argv):
     print(f"windows: {sum(statuses.values())}, kept {statuses.get('kept', 0)}, dropped "
           + ", ".join(f"{k} {v}" for k, v in sorted(statuses.items()) if k != "kept"))
     print(f"homography error against the truth: {figures['homography_error_px']:.2f} px (max over the frame)")
+
+
+def report_make(figures):
+    print(f"make_dataset.py, one scene (DNG and JPEG read, aligned, {figures['patches']} patches written): wall time "
+          f"{figures['wall_s']:.1f} s, CPU {figures['cpu_s']:.1f} s (all its processes; the memory sampling's "
+          f"{figures['sampling_cpu_s']:.1f} s left out), load average "
+          f"{os.getloadavg()[0]:.1f} after")
+    print(f"make_dataset.py peak RSS: {figures['peak_rss_mib']:.0f} MiB main process (TensorFlow's PNG encoder "
+          f"included), {figures['helper_peak_rss_mib']:.0f} MiB largest helper process (the alignment; target <= "
+          f"2048 MiB), {figures['all_processes_peak_pss_mib']:.0f} MiB all processes at once (sum of their PSS, "
+          f"shared pages counted once)")
+    print(f"  {figures['scene_line']}")
+
+
+def run_child(script, *args):
+    subprocess.run([sys.executable, script, *map(str, args)], check=True)
+
+
+def main(argv):
+    if argv[:1] in (["--make"], ["--child"], ["--child-make"]):
+        job = {"--make": lambda f, w, h, s: make(f, int(w), int(h), float(s)),
+               "--child": lambda f, p, w: child(f, int(p), int(w)),
+               "--child-make": lambda f, p, w: child_make(f, int(p), int(w))}[argv[0]]
+        return job(*argv[1:])
+    if argv[:1] in (["help"], ["-h"], ["--help"]):
+        print(__doc__)
+        return
+    options, script = parse(argv), os.path.abspath(__file__)
+    parts = options["parts"].split(",")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
+    # This process never holds the pair: a child's getrusage peak starts from its parent's
+    # memory (it is forked before it executes), so the parent stays small.
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_align_") as folder:
+        start = time.perf_counter()
+        run_child(script, "--make", folder, options["width"], options["height"], options["scale"])
+        built = time.perf_counter() - start
+        mosaic = np.load(os.path.join(folder, "mosaic.npy"), mmap_mode="r")
+        reference = np.load(os.path.join(folder, "reference.npy"), mmap_mode="r")
+        shape, matrix = mosaic.shape, np.load(os.path.join(folder, "homography.npy"))
+        print(f"pair: mosaic {shape[1]}x{shape[0]} ({mosaic.size / 1e6:.1f} MP), reference "
+              f"{reference.shape[1]}x{reference.shape[0]} ({reference.shape[0] * reference.shape[1] / 1e6:.1f} MP), "
+              f"built in {built:.1f} s")
+        del mosaic, reference
+        if "align" in parts:
+            run_child(script, "--child", folder, options["patch_size"], options["workers"])
+            with open(os.path.join(folder, "figures.json")) as handle:
+                results["align"] = json.load(handle)
+            report_align(results["align"], matrix, shape)
+        if "make" in parts:
+            run_child(script, "--child-make", folder, options["patch_size"], options["workers"])
+            with open(os.path.join(folder, "make.json")) as handle:
+                results["make"] = json.load(handle)
+            report_make(results["make"])
     if options["json"]:
         with open(options["json"], "w") as handle:
-            json.dump(figures, handle, indent=1)
+            json.dump(results, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ A scene is a natural photograph (the reference camera's picture) and the phone's
 of the same scene: the photo seen through a known homography (mosaic pixel -> photo pixel,
 the phone having another scale, rotation, perspective and field of view) plus a smooth
 sub-pixel displacement field (what a homography cannot express: lens distortion), then
-unprocessed into a 10-bit RGGB mosaic (black 64, white 1023) with sensor noise.
+unprocessed into the sensor's mosaic by the project's own camera pipeline run backwards
+(unprocess.py: random colour matrix, white balance and exposure, sensor noise; 10-bit RGGB,
+black 64, white 1023, camera.py).
 
 Coordinates are (x, y) = (column, row) with pixel centres at integers, as in align.py.
 """
@@ -17,12 +19,10 @@ from PIL import Image
 from scipy import ndimage
 from skimage import data
 
-BLACK, WHITE = 64, 1023
-# camera RGB from linear sRGB (rows sum to 1: greys stay grey before white balance)
-CAMERA_FROM_SRGB = np.array([[0.80, 0.15, 0.05], [0.10, 0.80, 0.10], [0.05, 0.20, 0.75]])
-# a sensor's raw response: green strongest, red and blue weaker before white balance
-CHANNEL_GAINS = np.array([0.55, 1.0, 0.7])
-READ_NOISE, SHOT_GAIN = 1.0, 0.25  # codes; codes of variance per code of signal
+import camera
+import unprocess as unprocessing
+
+BLACK, WHITE = camera.BLACK_LEVEL, camera.WHITE_LEVEL
 
 PHOTOS = {"astronaut": data.astronaut, "chelsea": data.chelsea, "coffee": data.coffee, "rocket": data.rocket,
           "motorcycle": lambda: data.stereo_motorcycle()[0]}
@@ -98,23 +98,22 @@ def sample(channels, x, y):
     return np.stack([ndimage.map_coordinates(c, [y, x], order=3, mode="nearest") for c in channels], axis=-1)
 
 
-def unprocess(rgb, rng, exposure=1.0):
-    """Return a 10-bit RGGB mosaic (uint16) from sRGB values in [0, 255] (float H x W x 3),
-    ``exposure`` (a number or an array broadcasting to H x W x 1) scaling the light."""
-    linear = (np.clip(rgb, 0, 255) / 255.0) ** 2.2
-    camera = linear @ CAMERA_FROM_SRGB.T * CHANNEL_GAINS * exposure
-    height, width = rgb.shape[:2]
-    site = np.zeros((height, width), dtype=int)
-    site[0::2, 1::2] = site[1::2, 0::2] = 1
-    site[1::2, 1::2] = 2
-    signal = np.take_along_axis(camera, site[..., None], axis=2)[..., 0] * (WHITE - BLACK)
-    noisy = signal + rng.normal(size=signal.shape) * np.sqrt(READ_NOISE**2 + SHOT_GAIN * np.maximum(signal, 0))
-    return np.clip(np.rint(BLACK + noisy), 0, WHITE).astype(np.uint16)
+def to_mosaic(rgb, seed=0, exposure=None):
+    """Return the sensor's RGGB mosaic (uint16 code values) of sRGB values in [0, 255] (float
+    H x W x 3), through unprocess.unprocess with its random camera drawn from ``seed``;
+    ``exposure`` (None, or an H x W array) scales the signal above black afterwards, the codes
+    clipped at white as a sensor clips them (an overexposed area)."""
+    photo = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    mosaic, _ = unprocessing.unprocess(photo, np.random.RandomState(seed), True, BLACK)
+    if exposure is None:
+        return mosaic
+    signal = (mosaic.astype(np.float64) - BLACK) * exposure
+    return np.clip(np.rint(BLACK + signal), 0, WHITE).astype(np.uint16)
 
 
 def make_scene(name="coffee", mosaic_shape=(256, 352), scale=0.7, angle=3.0, tilt=(1e-4, -5e-5), offset=(0.0, 0.0),
                amplitude=0.3, period=None, paint=(), occluder=None, parallax=None, crop=None, jpeg=False,
-               exposure=1.0, seed=0):
+               seed=0):
     """Build a Scene.
 
     paint: (y0, x0, size, kind) mosaic windows whose scene is repainted in the photo, so that
@@ -127,7 +126,7 @@ def make_scene(name="coffee", mosaic_shape=(256, 352), scale=0.7, angle=3.0, til
     image = photo(name).copy()
     matrix = homography(mosaic_shape, image.shape, scale, angle, tilt, offset)
     scene = Scene(None, None, image, matrix, amplitude, period or 0.7 * max(mosaic_shape), tuple(mosaic_shape))
-    gain = np.full(mosaic_shape, float(exposure))
+    gain = np.ones(mosaic_shape)
     for y0, x0, size, kind in paint:
         _paint(image, scene, y0, x0, size, kind)
         if kind == "clipped":
@@ -143,7 +142,7 @@ def make_scene(name="coffee", mosaic_shape=(256, 352), scale=0.7, angle=3.0, til
         middle = photo(other)
         top, left = (middle.shape[0] - oh) // 2, (middle.shape[1] - ow) // 2
         rgb[oy:oy + oh, ox:ox + ow] = middle[top:top + oh, left:left + ow]
-    scene.mosaic = unprocess(rgb, np.random.default_rng(seed), gain[..., None])
+    scene.mosaic = to_mosaic(rgb, seed, gain)
     if crop is not None:
         top, left, height, width = crop
         scene.photo = image[top:top + height, left:left + width].copy()

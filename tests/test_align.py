@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import align
+import runtime
 import scenes
 from helpers import write_dng
 
@@ -243,3 +244,33 @@ def test_area_resize_averages_boxes():
     assert np.isclose(out[0, 0], expected, atol=1e-6)
     rgb = rng.random((12, 18, 3)).astype(np.float32)
     assert np.allclose(align.area_resize(rgb, 2)[..., 1], align.area_resize(rgb[..., 1], 2), atol=1e-6)
+
+
+def _signal_dispositions():
+    import signal
+
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+def test_workers_are_forked_only_without_tensorflow_running(monkeypatch):
+    """Forked workers leave Ctrl-C to their parent and die on SIGTERM; in a process where
+    TensorFlow's runtime runs, nothing is forked (a fork could copy a lock its threads hold)."""
+    import os
+    import signal
+    import sys
+    from types import SimpleNamespace
+
+    def eager_context(initialized):
+        context = None if initialized is None else SimpleNamespace(_initialized=initialized)
+        monkeypatch.setitem(sys.modules, "tensorflow.python.eager.context", SimpleNamespace(_context=context))
+
+    for state in (None, False):  # imported only, or its context made but not started: forked
+        eager_context(state)
+        with align._workers(2) as run:
+            assert os.getpid() not in run(os.getpid, [()] * 4)
+            assert run(_signal_dispositions, [()] * 2) == [(signal.SIG_IGN, signal.SIG_DFL)] * 2
+    eager_context(True)
+    with align._workers(2) as run:
+        assert run(os.getpid, [()] * 2) == [os.getpid()] * 2
+    monkeypatch.setitem(sys.modules, "tensorflow.python.eager.context", sys)  # a layout it does not know
+    assert runtime.tensorflow_running()

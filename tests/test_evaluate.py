@@ -104,6 +104,71 @@ def test_8bit_metrics_score_the_clipped_rounded_picture():
 
 
 # ---------------------------------------------------------------------------------------
+# align=true: a target not pixel-aligned with the output
+
+SHIFTS = ((0.4, -0.7), (-1.3, 0.25))  # (dy, dx) by which each target's content is moved
+
+
+def shifted_pairs(rng, side=96, pad=16):
+    """Outputs (a smooth picture with a little noise) and targets that are the same pictures
+    moved by SHIFTS, both sampled from one larger picture (no border invented); and the
+    pictures unmoved, the ideal targets."""
+    outputs, targets, ideals = [], [], []
+    for dy, dx in SHIFTS:
+        big = ndimage.gaussian_filter(rng.uniform(0, 1, (side + 2 * pad,) * 2 + (3,)), (2, 2, 0))
+        big = (big - big.min()) / (big.max() - big.min())
+        yy, xx = np.mgrid[pad:pad + side, pad:pad + side].astype(np.float64)
+        targets.append(np.stack([ndimage.map_coordinates(big[..., c], [yy - dy, xx - dx], order=3)
+                                 for c in range(3)], -1))
+        ideals.append(big[pad:pad + side, pad:pad + side])
+        outputs.append(ideals[-1] + rng.normal(0, 0.02, ideals[-1].shape))
+    return [np.asarray(a, np.float32) for a in (outputs, targets, ideals)]
+
+
+def test_align_moves_each_target_onto_its_output():
+    outputs, targets, ideals = shifted_pairs(np.random.default_rng(5))
+    plain = ev.evaluate(lambda x: x, [(outputs, targets)], progress=False)
+    aligned = ev.evaluate(lambda x: x, [(outputs, targets)], progress=False, align=True)
+    np.testing.assert_allclose(aligned["shift"], -np.array(SHIFTS), atol=0.05)
+    for i, (dy, dx) in enumerate(SHIFTS):
+        b = int(np.ceil(max(abs(dy), abs(dx))))
+        inside = (slice(b, -b), slice(b, -b))
+        # independently: the known shift undone, the same border cropped, scikit-image's metrics
+        undone = ndimage.shift(targets[i].astype(np.float64), (-dy, -dx, 0), order=3, mode="nearest")
+        expected = sk_psnr(outputs[i][inside], undone[inside])
+        ideal = sk_psnr(outputs[i][inside], ideals[i][inside])
+        print(f"shift {dy, dx}: PSNR {plain['psnr'][i]:.2f} dB as given, {aligned['psnr'][i]:.2f} aligned, "
+              f"{expected:.2f} with the known shift undone, {ideal:.2f} unshifted")
+        assert aligned["psnr"][i] == pytest.approx(expected, abs=0.1)
+        assert aligned["ssim"][i] == pytest.approx(sk_ssim(outputs[i][inside], undone[inside]), abs=2e-3)
+        assert aligned["psnr"][i] > plain["psnr"][i] + 3
+        assert abs(aligned["psnr"][i] - ideal) < 0.5
+    lengths = np.hypot(*np.array(SHIFTS).T)
+    assert f"shift mean {lengths.mean():.2f} px, largest {lengths.max():.2f} px" in ev.summary(aligned)
+
+
+def test_default_scoring_is_unchanged_by_the_align_option():
+    outputs, targets, _ = shifted_pairs(np.random.default_rng(6))
+    plain = ev.evaluate(lambda x: x, [(outputs, targets)], progress=False)
+    assert "shift" not in plain and "align" not in ev.summary(plain)
+    direct = ev.all_metrics(outputs, targets)
+    for name in ("psnr", "ssim", "psnr_8bit"):
+        np.testing.assert_array_equal(plain[name], direct[name])
+    assert ev.parse_arguments([])["align"] is False and ev.parse_arguments(["align=true"])["align"] is True
+
+
+def test_a_shift_too_large_to_be_misalignment_is_left_alone():
+    """96-pixel pictures moved by 20 pixels (beyond 96 / 8): a mismatch, scored as given."""
+    outputs, _, _ = shifted_pairs(np.random.default_rng(7))
+    far = np.roll(outputs, 20, axis=1)
+    swapped = ev.evaluate(lambda x: x, [(outputs, far)], progress=False, align=True)
+    plain = ev.evaluate(lambda x: x, [(outputs, far)], progress=False)
+    assert np.isnan(swapped["shift"]).all()
+    np.testing.assert_allclose(swapped["psnr"], plain["psnr"], atol=1e-5)
+    assert "no patch moved; 2 patch(es) left unaligned" in ev.summary(swapped)
+
+
+# ---------------------------------------------------------------------------------------
 # the classical baseline
 
 def test_packed_input_goes_back_to_the_mosaic():
