@@ -25,7 +25,11 @@ import os
 import re
 import signal
 import socket
+import sys
 import time
+import zlib
+
+import numpy as np
 
 import checkpoints
 import files
@@ -115,7 +119,7 @@ def read_tf_config():
     anything MultiWorkerMirroredStrategy would choke on later with a traceback."""
     if _checked_json() is None:
         return None
-    import tensorflow as tf
+    import tensorflow as tf  # here: train_model.py imports this module before TensorFlow starts
 
     # TensorFlow's own reading, so that what is accepted here is what the strategy will see
     try:
@@ -139,7 +143,7 @@ def read_tf_config():
 
 def multi_worker_cluster(strategy):
     """The TF_CONFIG cluster when ``strategy`` runs over several tasks, else None."""
-    import tensorflow as tf
+    import tensorflow as tf  # here: train_model.py imports this module before TensorFlow starts
 
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         return None
@@ -162,7 +166,7 @@ def make_strategy(name: str = "auto", devices: str = "", cluster_timeout: float 
     TF_CONFIG is checked whatever the strategy (a bad one is a one-line error), ``devices=``
     against the devices TensorFlow sees, and with several tasks the others are awaited for
     at most ``cluster_timeout`` seconds before the strategy (whose own wait has no end) starts."""
-    import tensorflow as tf
+    import tensorflow as tf  # here: train_model.py imports this module before TensorFlow starts
 
     found = read_tf_config()
     if name == "auto":
@@ -257,8 +261,7 @@ def exchange(strategy, cluster, row):
     One all-reduce (sum) of a matrix in which each task fills its own row from its first
     local replica and zeros elsewhere: the rows arrive exactly (float64 holds the 32-bit
     checksums and iteration counts put into them)."""
-    import numpy as np
-    import tensorflow as tf
+    import tensorflow as tf  # here: train_model.py imports this module before TensorFlow starts
 
     matrix = np.zeros((len(cluster), len(row)), np.float64)
     matrix[cluster.position()] = row
@@ -284,8 +287,6 @@ def leave_together(strategy, cluster):
     and meet again. The task that exits last finds the other's end of the coordination
     service gone and TensorFlow logs connection errors at its exit, after the run's last
     line, which they would bury; past the second meeting every task is silenced."""
-    import sys
-
     exchange(strategy, cluster, [0])
     sys.stderr.flush()
     original = os.dup(sys.stderr.fileno())
@@ -323,8 +324,6 @@ LOCAL_ARGUMENTS = {"models_dir", "results_dir", "dataset_dir", "vgg_dir", "init_
 
 
 def _crc_of_file(path):
-    import zlib
-
     return zlib.crc32(files.read_bytes(path)) if files.exists(path) else 0
 
 
@@ -333,8 +332,6 @@ def start_row(args, start):
     checkpoint's index (which holds every tensor's checksum: the level above's, init_from's or
     the resumed one), of its training state's index, of the settings]. ``start`` None: this
     task failed before it could decide."""
-    import zlib
-
     settings = json.dumps({k: v for k, v in args.items() if k not in LOCAL_ARGUMENTS}, sort_keys=True, default=str)
     if start is None:
         return [0, -1, -1, -1, 0, 0, zlib.crc32(settings.encode())]
@@ -400,7 +397,7 @@ def check_devices(devices: str):
     """The device names of ``devices=``, each one TensorFlow sees here, none twice; a one-line
     UsageError otherwise (an unknown device makes MirroredStrategy count a replica it then
     waits for forever)."""
-    import tensorflow as tf
+    import tensorflow as tf  # here: train_model.py imports this module before TensorFlow starts
 
     names = [d.strip() for d in devices.split(",") if d.strip()]
     seen = {}

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import rawpy
+import tifffile
 
 import camera
 import files
@@ -55,7 +56,6 @@ def missing_data_reason(path: str):
     past the file's end or have no bytes, or, uncompressed, hold fewer bytes than its declared
     width x height x bits need. A metadata tool that strips the pixels keeps the header, and
     LibRaw then reads zeros without an error. Files that are not DNGs are left to LibRaw."""
-    import tifffile  # here: dng_to_png.py's help does not need it
 
     log = logging.getLogger("tifffile")  # its notes on odd tags would reach stderr unasked
     level = log.level

@@ -25,6 +25,9 @@ import os
 import sys
 
 import numpy as np
+from scipy import ndimage
+from skimage.filters import window
+from skimage.registration import phase_cross_correlation
 from tqdm import tqdm
 
 import camera
@@ -82,7 +85,7 @@ def image_metrics(enhanced, target) -> dict:
     than 5-scale MS-SSIM allows (losses.ms_ssim_applicable)."""
     import tensorflow as tf  # here: the scripts that import this module make runtime's settings first
 
-    import losses
+    import losses  # as TensorFlow, above
 
     enhanced = tf.convert_to_tensor(np.asarray(enhanced, np.float32))
     target = tf.convert_to_tensor(np.asarray(target, np.float32))
@@ -113,9 +116,6 @@ def align_target(enhanced, target):
     sub-pixel shift (dy, dx) that phase correlation of their luminances finds (cubic spline),
     then both cropped by ceil(largest |shift|) pixels on every side, the border the shift
     invalidates. A shift beyond 1/ALIGN_REACH of the side leaves both as they are, shift NaN."""
-    from scipy import ndimage
-    from skimage.filters import window
-    from skimage.registration import phase_cross_correlation
 
     enhanced, target = np.asarray(enhanced, np.float64), np.asarray(target, np.float64)
     # A plain cross-correlation (whitening, normalization="phase", lets the outputs' noise outvote
@@ -230,7 +230,7 @@ def predictor(args):
         print(f"model: classical baseline ISP (black level {args['black_level']:g}, bilinear demosaic, "
               f"gray-world white balance, sRGB gamma)")
         return lambda packed: process.baseline_isp(packed, args["black_level"])
-    from render import level_function
+    from render import level_function  # here: it starts TensorFlow, after runtime's settings
 
     prefix = checkpoints.resolve(args)[0]
     runtime.configure_devices(args["use_gpu"])

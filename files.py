@@ -22,7 +22,7 @@ def is_url(path) -> bool:
 
 
 def _gfile():
-    import tensorflow as tf
+    import tensorflow as tf  # here: only for a URL; a local path never starts TensorFlow
 
     return tf.io.gfile
 

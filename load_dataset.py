@@ -25,6 +25,7 @@ import re
 import sys
 
 import numpy as np
+from PIL import Image
 
 import camera
 import cli
@@ -154,8 +155,6 @@ def target_to_float(image_uint8) -> np.ndarray:
 
 
 def _target_uint8(path, level, patch_mosaic=MOSAIC) -> np.ndarray:
-    from PIL import Image
-
     image = read_target_image(path, patch_mosaic)
     side = int(patch_mosaic * (dslr_scale(level) / 2))
     if side != patch_mosaic:

@@ -33,6 +33,7 @@ import make_sample_dataset
 import process
 import runtime
 import test_model
+import train_model
 import utils
 import vgg
 from cli import Arg, UserError
@@ -301,8 +302,7 @@ def train_all_levels(params, vgg_dir: str) -> None:
     """Levels 5 -> 0 as train_model.py's command lines would run them, in this one process with
     one model: building the 47.5M-parameter graph and importing TensorFlow once, not six times,
     is a good share of a ten-minute budget on a small CPU."""
-    import train_model
-    import trainer
+    import trainer  # here, as the model: they start TensorFlow, after runtime's settings
     from model import PyNET
 
     model = None
@@ -336,7 +336,7 @@ def main(argv):
         done(start)
 
     print(load_dataset.describe_dataset(params["dataset_dir"]))
-    import tensorflow as tf
+    import tensorflow as tf  # started by runtime.start_tensorflow above
 
     # Each level's trainer compiles its own steps in this one process, by design; TensorFlow
     # counts those as one function retraced in a loop and warns at level 1. Errors still show.

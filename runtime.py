@@ -11,11 +11,15 @@ which also keeps ``python SCRIPT.py help`` instant.
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
+import pickle
 import platform
 import re
+import signal
 import sys
 import tempfile
+import traceback
 
 from cli import UsageError
 
@@ -404,8 +408,6 @@ class CleanProcess:
         self._process = self._conn = None
 
     def _start(self):
-        import multiprocessing  # here: most scripts never start a helper
-
         context = multiprocessing.get_context("spawn")
         self._conn, theirs = context.Pipe()
         self._process = context.Process(target=_serve, args=(theirs,), name="clean helper")
@@ -415,10 +417,6 @@ class CleanProcess:
 
 def _serve(conn):
     """The helper's loop: run each call received and send back (ok, value or exception)."""
-    import pickle
-    import signal
-    import traceback
-
     def stop(signum, frame):
         raise KeyboardInterrupt("SIGTERM")
 

@@ -20,7 +20,9 @@ Levels 3, 2, 1 and 0 need the file (their loss has a content term); levels 5 and
 
 import os
 
+import h5py
 import numpy as np
+import scipy.io
 
 from cli import UserError
 
@@ -91,8 +93,6 @@ def _field(record, name: str, position: int):
 def load_matconvnet(path: str):
     """Kernels (H x W x in x out) and biases of the 16 convolutions up to conv5_4, from the
     MatConvNet ``.mat`` file, read as the reference reads it."""
-    import scipy.io
-
     if not os.path.isfile(path):
         raise UserError(missing_file_message(path))
     try:
@@ -134,8 +134,6 @@ def load_keras_h5(path: str):
     """Kernels and biases of the 16 convolutions from Keras' VGG19 weights file (legacy HDF5
     layout, e.g. ``vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5``), converted so the
     network takes the same RGB, mean-subtracted input as the MatConvNet model."""
-    import h5py
-
     if not os.path.isfile(path):
         raise UserError(missing_file_message(path))
     weights = []
@@ -190,7 +188,7 @@ class VGG19:
     ``tf.distribute`` strategy places a copy on every replica when built in its scope)."""
 
     def __init__(self, weights):
-        import tensorflow as tf
+        import tensorflow as tf  # here: preflight.py reads the weights file's name before TensorFlow starts
 
         if len(weights) != len(CONV_LAYERS):
             raise ValueError(f"expected {len(CONV_LAYERS)} (kernel, bias) pairs, got {len(weights)}")
@@ -201,7 +199,7 @@ class VGG19:
 
     def net(self, input_image, up_to: str = CONTENT_LAYER) -> dict:
         """All layer outputs up to ``up_to`` for an already preprocessed NHWC input, by name."""
-        import tensorflow as tf
+        import tensorflow as tf  # here: preflight.py reads the weights file's name before TensorFlow starts
 
         out = {}
         current = tf.cast(input_image, tf.float32)
@@ -223,7 +221,7 @@ class VGG19:
 
     def __call__(self, images, layer: str = CONTENT_LAYER):
         """Features of ``layer`` for NHWC RGB images in [0, 1] (the network's output scale)."""
-        import tensorflow as tf
+        import tensorflow as tf  # here: preflight.py reads the weights file's name before TensorFlow starts
 
         return self.net(preprocess(tf.cast(images, tf.float32) * 255.0), up_to=layer)[layer]
 
