@@ -490,6 +490,19 @@ def machine():
             "onednn": onednn, "load_average": os.getloadavg()}
 
 
+def failed(label, width, r, note=""):
+    """Print a measurement's error on its line; whether there was one."""
+    if "error" in r:
+        print(f"  {label:<{width}} {r['error']}{note}")
+    return "error" in r
+
+
+def rate(r, peak):
+    """A measurement's convolution rate, and its share of the peak when measured."""
+    share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
+    return f"{r['gmac_per_s']:6.1f} GMAC/s{share}"
+
+
 def measure_frame_cli(frame, allocators, pages, timeout, precisions=("fp32",)):
     print("  test_model.py level=0 on the frame as a PNG, with a level-0 checkpoint (wall time of the process):")
     with tempfile.TemporaryDirectory(prefix="bench_cli_") as folder:
@@ -552,13 +565,10 @@ def main(argv):
             r.setdefault("setting", setting)
             results["patches"].append(r)
             label = f"{setting} {precision}"
-            if "error" in r:
-                print(f"  {label:<16} {r['error']}   ({description})")
-                continue
-            share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
-            print(f"  {label:<16} {r['best_s']:7.2f} s/batch (median {r['median_s']:.2f}, first {r['first_s']:.1f})"
-                  f"  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s{share}  peak RSS "
-                  f"{r['peak_rss_mib'] / 1024:.2f} GiB   ({description})")
+            if not failed(label, 16, r, f"   ({description})"):
+                print(f"  {label:<16} {r['best_s']:7.2f} s/batch (median {r['median_s']:.2f}, first "
+                      f"{r['first_s']:.1f})  {r['mp_per_s']:5.3f} MP/s  {rate(r, peak)}  peak RSS "
+                      f"{r['peak_rss_mib'] / 1024:.2f} GiB   ({description})")
     if "frame" in parts:
         megapixels = 4 * frame[0] * frame[1] / 1e6
         print(f"\nframe of {2 * frame[0]}x{2 * frame[1]} mosaic pixels ({megapixels:.1f} MP) -> RGB, "
@@ -574,12 +584,9 @@ def main(argv):
             results["frame"].append(r)
             shape = "whole frame" if str(r["rows"]) == "0" else f"strips of {r['rows']} rows"
             label = f"{shape}, {precision}, {allocator}, {page}"
-            if "error" in r:
-                print(f"  {label:<36} {r['error']}")
-                continue
-            share = f" = {100 * r['gmac_per_s'] / peak:3.0f}% of peak" if peak else ""
-            print(f"  {label:<36} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {r['gmac_per_s']:6.1f} GMAC/s"
-                  f"{share}  peak RSS {r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
+            if not failed(label, 36, r):
+                print(f"  {label:<36} {r['seconds']:7.1f} s  {r['mp_per_s']:5.3f} MP/s  {rate(r, peak)}  peak RSS "
+                      f"{r['peak_rss_mib'] / 1024:.2f} GiB  ({r['tmac']:.2f} TMAC)")
         if args["frame_cli"]:
             results["frame_cli"] = measure_frame_cli(frame, allocators, pages, args["timeout"], precisions)
     if "deploy" in parts:
