@@ -15,6 +15,7 @@ Input: packed Bayer [B, Gb, R, Gr] (camera.extract_bayer_channels), shape
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 import utils
@@ -92,7 +93,7 @@ class ConvLayer(keras.layers.Layer):
         if self.instance_norm:
             x = instance_norm(x, self.shift, self.scale)
         if self.relu:
-            x = ops.leaky_relu(x, LEAKY_SLOPE)
+            x = leaky_relu(x)
         return x
 
     def tf1_variables(self):
@@ -105,6 +106,18 @@ class ConvLayer(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "instance_norm": self.instance_norm, "relu": self.relu}
+
+
+@tf.custom_gradient
+def leaky_relu(x):
+    """Leaky ReLU 0.2 whose gradient reads its output rather than its input: the same numbers,
+    since with a positive slope the output is > 0 exactly where the input is. TensorFlow's own
+    gradient reads the input, a convolution + bias; with oneDNN, Grappler's remapper fuses the
+    convolution, the bias and then the activation into one node, deleting the add that gradient
+    still reads, and rejects the whole pass (an "E0000 ... remapper failed" line on every
+    training run). Read from the output, training gets the fused kernel as inference does."""
+    y = tf.nn.leaky_relu(x, alpha=LEAKY_SLOPE)
+    return y, lambda dy: tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=LEAKY_SLOPE)
 
 
 def instance_norm(x, shift, scale):
@@ -132,7 +145,7 @@ class UpConv(keras.layers.Layer):
                                       initializer=_initializers(self)[0])
 
     def call(self, x):
-        return ops.leaky_relu(ops.conv_transpose(x, self.kernel, strides=2, padding="same"), LEAKY_SLOPE)
+        return leaky_relu(ops.conv_transpose(x, self.kernel, strides=2, padding="same"))
 
     def tf1_variables(self):
         return [self.kernel]
