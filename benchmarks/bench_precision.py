@@ -41,7 +41,7 @@ SPEC = [
     cli.Arg("patches", int, 16, "render: test patches rendered besides the full-resolution mosaics",
             check=cli.non_negative),
     cli.Arg("seeds", str, "0,1,2", "train: seeds (comma-separated)"),
-    cli.Arg("steps", str, "300,150", "train: iterations at level 5 and at level 0"),
+    cli.Arg("steps", str, "300,150", "train: iterations at level 5 and at level 0 (0: leave the level out)"),
     cli.Arg("eval_step", int, 25, "train: iterations between evaluations", check=cli.positive),
     cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
@@ -119,6 +119,7 @@ def measure_train(args):
 
     import numpy as np
 
+    import checkpoints
     import train_model
     import trainer
     from helpers import random_vgg_weights, write_matconvnet_vgg
@@ -138,11 +139,15 @@ def measure_train(args):
                 run = os.path.join(folder, f"{precision}_{seed}")
                 curves = {}
                 for level, iters in ((5, steps5), (0, steps0)):
+                    if iters == 0:  # steps=N,0: level 5 alone (level 0 in emulated bf16 takes hours)
+                        continue
                     argv = [f"level={level}", f"dataset_dir={args['dataset_dir']}", f"models_dir={run}/models",
                             f"results_dir={run}/results", "patch_size=32", "batch_size=2", "eval_batch_size=2",
                             f"num_train_iters={iters}", f"eval_step={args['eval_step']}", f"seed={seed}",
                             f"vgg_dir={vgg}", f"precision={precision}", "force_bf16=true", "progress=false",
                             "tensorboard=false", "learning_rate=1e-4"]
+                    if level == 0:  # straight from level 5 (the levels between are not the question here)
+                        argv.append(f"init_from={checkpoints.checkpoint_prefix(f'{run}/models', 5, steps5)}")
                     job = trainer.Trainer(train_model.parse_arguments(argv), model=model, out=lambda *a: None)
                     job.run()
                     curves[level] = read_curve(os.path.join(run, "models", "logs.txt"))
@@ -150,7 +155,7 @@ def measure_train(args):
                 finals = ", ".join(f"level {level}: test loss {c[-1]['test']:.4g}, PSNR {c[-1]['psnr']:.2f} dB"
                                    for level, c in curves.items())
                 print(f"  {precision} seed {seed}: {finals}")
-    for level in (5, 0):
+    for level in (level for level, iters in ((5, steps5), (0, steps0)) if iters):
         for precision in ("fp32", "bf16"):
             final = [r["curves"][level][-1]["psnr"] for r in results if r["precision"] == precision]
             print(f"  level {level} {precision}: final PSNR {np.mean(final):.2f} dB, seeds from {min(final):.2f} "

@@ -18,9 +18,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TSV_PATH = os.path.join(ROOT, "tests", "data", "pynet_tf1_variables.tsv")
 
 
+# The suite's longest tests, started first so that the other worker runs the rest beside them.
+FIRST = ("test_quickstart.py", "test_export.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """Long tests run only when asked for (python -m pytest -m long tests), so that the default
     suite, which CI runs, stays within its time."""
+    items.sort(key=lambda item: item.path.name not in FIRST)   # stable: the order within each part stays
     if "long" in (config.getoption("markexpr") or ""):
         return
     skip = pytest.mark.skip(reason="long: run with python -m pytest -m long tests")

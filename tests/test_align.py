@@ -21,6 +21,9 @@ import runtime
 import scenes
 from helpers import write_dng
 
+# one worker builds this module's shared fixtures (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("align")
+
 P_MAIN, P_EDITS, P_FOV = 64, 64, 48
 POSITION_TOLERANCE = 0.5  # mosaic pixels
 MIN_PSNR = 28.0  # dB, each kept target against the truly warped photo (observed 29-42 here)

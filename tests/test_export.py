@@ -27,6 +27,9 @@ from cli import UsageError, UserError
 from helpers import ROOT, assign_sane_weights
 from render import pad_to_multiple
 
+# one worker builds this module's shared fixtures (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("export")
+
 ITERATION = 1000
 SMALL = (64, 64)     # level 0's TFLite size: a multiple of 32 mosaic pixels, so no padding inside
 # Level 5 for the reduced-precision TFLite models: converting the whole network takes ~30 s

@@ -39,6 +39,9 @@ import pairs
 import scenes
 from helpers import ROOT, write_dng
 
+# one worker builds this module's shared fixtures (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("make_dataset")
+
 P = 448
 POSITION_TOLERANCE = 0.5  # mosaic pixels
 MIN_PSNR = 30.0  # dB, each target JPEG against the truly warped photo (observed 33.5-38 here)

@@ -15,6 +15,9 @@ import test_model
 from helpers import assign_sane_weights, natural_mosaic
 from model import PyNET, level_model, precision_of
 
+# one worker builds this module's shared fixtures (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("precision")
+
 
 def psnr(a, b):
     return 10 * np.log10(1.0 / np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
