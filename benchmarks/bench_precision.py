@@ -43,6 +43,7 @@ SPEC = [
     cli.Arg("seeds", str, "0,1,2", "train: seeds (comma-separated)"),
     cli.Arg("steps", str, "300,150", "train: iterations at level 5 and at level 0 (0: leave the level out)"),
     cli.Arg("eval_step", int, 25, "train: iterations between evaluations", check=cli.positive),
+    cli.Arg("patch_size", int, 32, "train: packed crop side (a multiple of 16)", check=cli.positive),
     cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
 
@@ -142,7 +143,8 @@ def measure_train(args):
                     if iters == 0:  # steps=N,0: level 5 alone (level 0 in emulated bf16 takes hours)
                         continue
                     argv = [f"level={level}", f"dataset_dir={args['dataset_dir']}", f"models_dir={run}/models",
-                            f"results_dir={run}/results", "patch_size=32", "batch_size=2", "eval_batch_size=2",
+                            f"results_dir={run}/results", f"patch_size={args['patch_size']}", "batch_size=2",
+                            "eval_batch_size=2",
                             f"num_train_iters={iters}", f"eval_step={args['eval_step']}", f"seed={seed}",
                             f"vgg_dir={vgg}", f"precision={precision}", "force_bf16=true", "progress=false",
                             "tensorboard=false", "learning_rate=1e-4"]
