@@ -41,20 +41,25 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-DEFAULTS = {"patch_size": 448, "width": 6000, "height": 4000, "scale": 0.75, "workers": 2, "parts": "align,make",
-            "json": ""}
+import cli  # noqa: E402
+
 TILES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "astronaut", "rocket", "coffee", "chelsea")
 
 
-def parse(argv):
-    """Return the options from ``key=value`` arguments."""
-    options = dict(DEFAULTS)
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in options or not value and key != "json":
-            raise SystemExit(f"unknown or empty argument {arg!r}; expected key=value with key in {sorted(options)}")
-        options[key] = type(DEFAULTS[key])(value)
-    return options
+def parts_check(text):
+    parts = text.split(",")
+    return None if parts and set(parts) <= {"align", "make"} else "align and/or make (comma-separated)"
+
+
+SPEC = [
+    cli.Arg("patch_size", int, 448, "window side on the mosaic (even)", check=cli.positive),
+    cli.Arg("width", int, 6000, "the reference photo's width", check=cli.positive),
+    cli.Arg("height", int, 4000, "the reference photo's height", check=cli.positive),
+    cli.Arg("scale", float, 0.75, "mosaic pixels per reference pixel", check=cli.positive),
+    cli.Arg("workers", int, 2, "alignment worker processes", check=cli.positive),
+    cli.Arg("parts", str, "align,make", "what to time: align, make (comma-separated)", check=parts_check),
+    cli.Arg("json", str, "", "also write the results to this JSON file"),
+]
 
 
 def collage(width, height):
@@ -262,10 +267,9 @@ def main(argv):
                "--child": lambda f, p, w: child(f, int(p), int(w)),
                "--child-make": lambda f, p, w: child_make(f, int(p), int(w))}[argv[0]]
         return job(*argv[1:])
-    if argv[:1] in (["help"], ["-h"], ["--help"]):
-        print(__doc__)
-        return
-    options, script = parse(argv), os.path.abspath(__file__)
+    options = cli.parse_args(argv, SPEC, "benchmarks/bench_make_dataset.py",
+                             "Time make_dataset.py on a 12 MP pair: align_scene alone and the whole path of one scene.")
+    script = os.path.abspath(__file__)
     parts = options["parts"].split(",")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}, Python {platform.python_version()}")
@@ -299,4 +303,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(cli.run(main))

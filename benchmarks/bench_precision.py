@@ -40,12 +40,21 @@ SPEC = [
     cli.Arg("dataset_dir", str, "raw_images/sample/", "the dataset (test/huawei_full_resolution/, test/)"),
     cli.Arg("patches", int, 16, "render: test patches rendered besides the full-resolution mosaics",
             check=cli.non_negative),
-    cli.Arg("seeds", str, "0,1,2", "train: seeds (comma-separated)"),
-    cli.Arg("steps", str, "300,150", "train: iterations at level 5 and at level 0 (0: leave the level out)"),
+    cli.Arg("seeds", str, "0,1,2", "train: seeds (comma-separated)", check=lambda text: integers(text, None)),
+    cli.Arg("steps", str, "300,150", "train: iterations at level 5 and at level 0 (0: leave the level out)",
+            check=lambda text: integers(text, 2)),
     cli.Arg("eval_step", int, 25, "train: iterations between evaluations", check=cli.positive),
-    cli.Arg("patch_size", int, 32, "train: packed crop side (a multiple of 16)", check=cli.positive),
+    cli.Arg("patch_size", int, 32, "train: packed crop side (a multiple of 16)", check=cli.patch_size_check),
     cli.Arg("json", str, "", "also write the results to this JSON file"),
 ]
+
+
+def integers(text, count):
+    """None if ``text`` is comma-separated whole numbers (``count`` of them, if given), else what is expected."""
+    parts = text.split(",")
+    if all(p.strip().isascii() and p.strip().isdigit() for p in parts) and count in (None, len(parts)):
+        return None
+    return f"{count} comma-separated whole numbers" if count else "comma-separated whole numbers"
 
 
 def psnr(a, b):
@@ -126,7 +135,7 @@ def measure_train(args):
     from helpers import random_vgg_weights, write_matconvnet_vgg
     from model import PyNET
 
-    seeds = [int(s) for s in args["seeds"].split(",") if s.strip()]
+    seeds = [int(s) for s in args["seeds"].split(",")]
     steps5, steps0 = (int(s) for s in args["steps"].split(","))
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_precision_") as folder:
