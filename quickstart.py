@@ -90,35 +90,35 @@ ARGS = [
 ]
 
 
-def schedule(params) -> list:
+def schedule(args) -> list:
     """[(level, num_train_iters, crop, batch, learning rate, resume)]: the quick-start schedule
     with the overrides given. ``iters=N`` gives every level N iterations and each resumed phase N
     more (none when N is 0)."""
     rows, seen = [], {}
-    extra = BF16_EXTRA_STEPS if params.get("precision") == "bf16" and params["iters"] is None else 0
+    extra = BF16_EXTRA_STEPS if args.get("precision") == "bf16" and args["iters"] is None else 0
     for number, (level, iters, patch, batch, rate) in enumerate(QUICK_SCHEDULE, 1):
         iters += extra if number == len(QUICK_SCHEDULE) else 0
         resume = level in seen
-        if params["iters"] is not None:
-            iters = seen.get(level, 0) + params["iters"] if resume else params["iters"]
-            if resume and not params["iters"]:
+        if args["iters"] is not None:
+            iters = seen.get(level, 0) + args["iters"] if resume else args["iters"]
+            if resume and not args["iters"]:
                 continue
         seen[level] = iters
-        rows.append((level, iters, patch if params["patch_size"] is None else params["patch_size"],
-                     batch if params["batch_size"] is None else params["batch_size"],
-                     rate if params["learning_rate"] is None else params["learning_rate"], resume))
+        rows.append((level, iters, patch if args["patch_size"] is None else args["patch_size"],
+                     batch if args["batch_size"] is None else args["batch_size"],
+                     rate if args["learning_rate"] is None else args["learning_rate"], resume))
     return rows
 
 
-def describe_schedule(params, vgg_dir: str) -> str:
+def describe_schedule(args, vgg_dir: str) -> str:
     """The schedule beside the paper's, saying where and why it departs from it."""
-    rows = schedule(params)
+    rows = schedule(args)
     departures = ["fewer iterations, smaller crops and batches",
                   "learning rates " + " then ".join(f"{r:g}" for r in dict.fromkeys(row[4] for row in rows))
                   + f" instead of {PAPER_LEARNING_RATE:g}"]
-    if params["init"] == "he":
+    if args["init"] == "he":
         departures.append("He-normal initial weights instead of N(0, 0.01)")
-    if params["loss"] == "mse":
+    if args["loss"] == "mse":
         departures.append("the MSE loss alone instead of MSE + VGG-19 content at levels 3..1 and "
                           "MSE + VGG-19 content + SSIM at level 0")
     elif vgg_dir == "none":
@@ -147,15 +147,15 @@ def chosen_precision(precision: str, out=print) -> str:
     return precision
 
 
-def training_vgg(params, out=print) -> str:
+def training_vgg(args, out=print) -> str:
     """The vgg_dir= the levels train with: none when the loss has no content term, or (with a
     warning) when the file is absent."""
-    if params["loss"] != "reference":
+    if args["loss"] != "reference":
         return "none"
     try:
-        return vgg.weights_file(params["vgg_dir"])  # a folder holding the file counts as the file
+        return vgg.weights_file(args["vgg_dir"])  # a folder holding the file counts as the file
     except cli.UserError:
-        out(f"WARNING: {params['vgg_dir']} is absent, so levels 3 to 0 train WITHOUT the VGG-19 content loss "
+        out(f"WARNING: {args['vgg_dir']} is absent, so levels 3 to 0 train WITHOUT the VGG-19 content loss "
             f"(vgg_dir=none), unlike the reference. See README, 'The real thing', for the file.")
         return "none"
 
@@ -195,43 +195,43 @@ def foreign_checkpoints(models_dir: str) -> list:
             for i in checkpoints.checkpoint_iterations(level, models_dir) if i > extent.get(level, -1)]
 
 
-def check_models_dir(params) -> None:
+def check_models_dir(args) -> None:
     """Every level's run deletes the level's checkpoints in models_dir (overwrite=true): refuse,
     naming them, when some are not the quick start's, unless the user says overwrite=true."""
-    foreign = foreign_checkpoints(params["models_dir"])
-    if foreign and not params["overwrite"]:
+    foreign = foreign_checkpoints(args["models_dir"])
+    if foreign and not args["overwrite"]:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"{params['models_dir']} holds checkpoints the quick start did not write ({shown}): training "
+        raise UserError(f"{args['models_dir']} holds checkpoints the quick start did not write ({shown}): training "
                         f"continued there, which running the quick start again would delete; move them to another "
                         f"folder to keep them, or give overwrite=true to delete them and start afresh")
 
 
-def sample_dataset_argv(params) -> list:
-    return [f"output_dir={params['dataset_dir']}", f"train={params['train']}", f"test={params['test']}", "full=1",
-            f"full_height={params['full_height']}", f"full_width={params['full_width']}", f"seed={params['seed']}"]
+def sample_dataset_argv(args) -> list:
+    return [f"output_dir={args['dataset_dir']}", f"train={args['train']}", f"test={args['test']}", "full=1",
+            f"full_height={args['full_height']}", f"full_width={args['full_width']}", f"seed={args['seed']}"]
 
 
-def train_argv(params, row, vgg_dir: str) -> list:
+def train_argv(args, row, vgg_dir: str) -> list:
     """train_model.py's arguments for one row of schedule()."""
     level, iters, patch, batch, rate, resume = row
-    return [f"level={level}", f"dataset_dir={params['dataset_dir']}", f"models_dir={params['models_dir']}",
-            f"results_dir={params['results_dir']}", f"patch_size={patch}", f"batch_size={batch}",
-            f"train_size={params['train']}", f"eval_batch_size={min(batch, params['test'])}",
+    return [f"level={level}", f"dataset_dir={args['dataset_dir']}", f"models_dir={args['models_dir']}",
+            f"results_dir={args['results_dir']}", f"patch_size={patch}", f"batch_size={batch}",
+            f"train_size={args['train']}", f"eval_batch_size={min(batch, args['test'])}",
             f"learning_rate={rate:g}", f"num_train_iters={iters}", f"eval_step={max(iters, 1)}",
-            f"seed={params['seed']}", f"init={params['init']}", f"loss={params['loss']}", f"vgg_dir={vgg_dir}",
-            f"precision={params['precision']}", "progress=false", "resume=true" if resume else "overwrite=true"]
+            f"seed={args['seed']}", f"init={args['init']}", f"loss={args['loss']}", f"vgg_dir={vgg_dir}",
+            f"precision={args['precision']}", "progress=false", "resume=true" if resume else "overwrite=true"]
 
 
-def render_argv(params) -> list:
-    return ["level=0", f"dataset_dir={params['dataset_dir']}", f"models_dir={params['models_dir']}",
-            f"output_dir={params['render_dir']}", f"precision={params['precision']}"]
+def render_argv(args) -> list:
+    return ["level=0", f"dataset_dir={args['dataset_dir']}", f"models_dir={args['models_dir']}",
+            f"output_dir={args['render_dir']}", f"precision={args['precision']}"]
 
 
-def evaluate_argv(params, model: str = "pynet") -> list:
+def evaluate_argv(args, model: str = "pynet") -> list:
     if model == "baseline":
-        return ["model=baseline", f"dataset_dir={params['dataset_dir']}"]
-    return ["orig=false", "level=0", f"dataset_dir={params['dataset_dir']}", f"models_dir={params['models_dir']}",
-            f"precision={params['precision']}"]
+        return ["model=baseline", f"dataset_dir={args['dataset_dir']}"]
+    return ["orig=false", "level=0", f"dataset_dir={args['dataset_dir']}", f"models_dir={args['models_dir']}",
+            f"precision={args['precision']}"]
 
 
 LABEL_HEIGHT = 24  # pixels of the caption band above each panel of the comparison
@@ -271,20 +271,20 @@ def write_comparison(mosaic_path: str, rendered_path: str, target_path: str) -> 
     return path
 
 
-def compare_renders(params) -> list:
+def compare_renders(args) -> list:
     """write_comparison for each full-resolution mosaic of the sample that was rendered; the
     paths written."""
-    iteration = checkpoints.get_last_iter(0, params["models_dir"])
-    folder = os.path.join(params["dataset_dir"], "test", load_dataset.FULL_RES_FOLDER)
+    iteration = checkpoints.get_last_iter(0, args["models_dir"])
+    folder = os.path.join(args["dataset_dir"], "test", load_dataset.FULL_RES_FOLDER)
     written = []
     for mosaic_path in test_model.list_mosaics(folder):
         name = os.path.basename(mosaic_path)
-        target = os.path.join(params["dataset_dir"], "test", make_sample_dataset.FULL_RES_TARGET_FOLDER, name)
+        target = os.path.join(args["dataset_dir"], "test", make_sample_dataset.FULL_RES_TARGET_FOLDER, name)
         if not os.path.isfile(target):
             print(f"note: {target} is absent (a sample made by an older make_sample_dataset.py): no comparison "
-                  f"for {name}; delete {params['dataset_dir']} to rebuild it")
+                  f"for {name}; delete {args['dataset_dir']} to rebuild it")
             continue
-        rendered = test_model.output_path(params["render_dir"], mosaic_path, 0, iteration)
+        rendered = test_model.output_path(args["render_dir"], mosaic_path, 0, iteration)
         written.append(write_comparison(mosaic_path, rendered, target))
     return written
 
@@ -298,7 +298,7 @@ def done(start: float) -> None:
     print(f"=== done in {time.time() - start:.0f} s", flush=True)
 
 
-def train_all_levels(params, vgg_dir: str) -> None:
+def train_all_levels(args, vgg_dir: str) -> None:
     """Levels 5 -> 0 as train_model.py's command lines would run them, in this one process with
     one model: building the 47.5M-parameter graph and importing TensorFlow once, not six times,
     is a good share of a ten-minute budget on a small CPU."""
@@ -306,64 +306,64 @@ def train_all_levels(params, vgg_dir: str) -> None:
     from model import PyNET
 
     model = None
-    for row in schedule(params):
-        argv = train_argv(params, row, vgg_dir)
+    for row in schedule(args):
+        argv = train_argv(args, row, vgg_dir)
         start = announce(f"train level {row[0]}" + (" (resumed)" if row[5] else ""), "train_model.py", argv)
-        args = train_model.parse_arguments(argv)
-        record_extent(params["models_dir"], row[0], row[1])
+        level_args = train_model.parse_arguments(argv)
+        record_extent(args["models_dir"], row[0], row[1])
         if model is None:
-            train_model.configure(args)
-            model = PyNET(init=params["init"], precision=params["precision"])
-        trainer.Trainer(args, model=model).run()
+            train_model.configure(level_args)
+            model = PyNET(init=args["init"], precision=args["precision"])
+        trainer.Trainer(level_args, model=model).run()
         done(start)
 
 
 def main(argv):
-    params = cli.parse_args(argv, ARGS, "quickstart.py", __doc__.strip().splitlines()[0])
+    args = cli.parse_args(argv, ARGS, "quickstart.py", __doc__.strip().splitlines()[0])
     began = time.time()
-    check_models_dir(params)
+    check_models_dir(args)
     # one process trains and then renders single photos: the choice must suit both
     runtime.select_cpu_kernels(training=True, smallest_batch=1)
     runtime.start_tensorflow()
-    params["precision"] = chosen_precision(params["precision"])
-    vgg_dir = training_vgg(params)
+    args["precision"] = chosen_precision(args["precision"])
+    vgg_dir = training_vgg(args)
 
-    if os.path.isdir(os.path.join(params["dataset_dir"], "train")):
-        print(f"\n=== reusing the sample dataset in {params['dataset_dir']}")
+    if os.path.isdir(os.path.join(args["dataset_dir"], "train")):
+        print(f"\n=== reusing the sample dataset in {args['dataset_dir']}")
     else:
-        start = announce("build the sample dataset", "make_sample_dataset.py", sample_dataset_argv(params))
-        make_sample_dataset.main(sample_dataset_argv(params))
+        start = announce("build the sample dataset", "make_sample_dataset.py", sample_dataset_argv(args))
+        make_sample_dataset.main(sample_dataset_argv(args))
         done(start)
 
-    print(load_dataset.describe_dataset(params["dataset_dir"]))
+    print(load_dataset.describe_dataset(args["dataset_dir"]))
     import tensorflow as tf  # started by runtime.start_tensorflow above
 
     # Each level's trainer compiles its own steps in this one process, by design; TensorFlow
     # counts those as one function retraced in a loop and warns at level 1. Errors still show.
     tf.get_logger().setLevel("ERROR")
-    print("\n" + describe_schedule(params, vgg_dir), flush=True)
-    train_all_levels(params, vgg_dir)
+    print("\n" + describe_schedule(args, vgg_dir), flush=True)
+    train_all_levels(args, vgg_dir)
 
-    start = announce("render the full-resolution mosaic at level 0", "test_model.py", render_argv(params))
-    test_model.main(render_argv(params))
-    comparisons = compare_renders(params)
+    start = announce("render the full-resolution mosaic at level 0", "test_model.py", render_argv(args))
+    test_model.main(render_argv(args))
+    comparisons = compare_renders(args)
     done(start)
     scores = {}
     for model, what in (("pynet", "PyNET"), ("baseline", "the classical baseline ISP")):
         start = announce(f"evaluate {what} at level 0 on the test split", "evaluate_accuracy.py",
-                         evaluate_argv(params, model))
+                         evaluate_argv(args, model))
         scores[model] = float(evaluate_accuracy.evaluate_and_report(
-            evaluate_accuracy.parse_arguments(evaluate_argv(params, model)))["psnr"].mean())
+            evaluate_accuracy.parse_arguments(evaluate_argv(args, model)))["psnr"].mean())
         done(start)
-    print(summary(params, time.time() - began, comparisons, scores))
+    print(summary(args, time.time() - began, comparisons, scores))
 
 
-def summary(params, seconds: float, comparisons: list, scores: dict) -> str:
+def summary(args, seconds: float, comparisons: list, scores: dict) -> str:
     lines = [f"\nQuick start finished in {seconds:.0f} s.",
-             f"  sample dataset (synthetic, not ZRR): {params['dataset_dir']}",
-             f"  checkpoints and logs.txt:            {params['models_dir']}",
-             f"  training visuals:                    {params['results_dir']}",
-             f"  rendered photo:                      {params['render_dir']}"]
+             f"  sample dataset (synthetic, not ZRR): {args['dataset_dir']}",
+             f"  checkpoints and logs.txt:            {args['models_dir']}",
+             f"  training visuals:                    {args['results_dir']}",
+             f"  rendered photo:                      {args['render_dir']}"]
     lines += [f"  comparison (classical ISP | PyNET | target): {path}" for path in comparisons]
     lines.append(f"  PSNR on the sample's test split at level 0: PyNET {scores['pynet']:.2f} dB, "
                  f"classical baseline ISP {scores['baseline']:.2f} dB")

@@ -87,7 +87,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     assert "retracing" not in result.stderr
 
 
-def quick_params(**overrides):
+def quick_args(**overrides):
     import quickstart
 
     return {**cli.parse_args([], quickstart.ARGS, "quickstart.py"), **overrides}
@@ -96,21 +96,21 @@ def quick_params(**overrides):
 def test_schedule_resumes_level_0_and_takes_overrides():
     import quickstart
 
-    rows = quickstart.schedule(quick_params())
+    rows = quickstart.schedule(quick_args())
     assert [row[:5] for row in rows] == [tuple(row) for row in quickstart.QUICK_SCHEDULE]
     assert [row[0] for row in rows] == [5, 4, 3, 2, 1, 0, 0]
     assert [row[5] for row in rows] == [False] * 6 + [True]   # the second level-0 row resumes the first
     # iters=N: N per level and N more per resumed phase; iters=0: no resumed phase
-    assert [(r[0], r[1], r[5]) for r in quickstart.schedule(quick_params(iters=2))][-2:] == [(0, 2, False),
+    assert [(r[0], r[1], r[5]) for r in quickstart.schedule(quick_args(iters=2))][-2:] == [(0, 2, False),
                                                                                            (0, 4, True)]
-    assert [r[0] for r in quickstart.schedule(quick_params(iters=0))] == [5, 4, 3, 2, 1, 0]
-    overridden = quickstart.schedule(quick_params(learning_rate=1e-3, patch_size=16, batch_size=3))
+    assert [r[0] for r in quickstart.schedule(quick_args(iters=0))] == [5, 4, 3, 2, 1, 0]
+    overridden = quickstart.schedule(quick_args(learning_rate=1e-3, patch_size=16, batch_size=3))
     assert {(r[2], r[3], r[4]) for r in overridden} == {(16, 3, 1e-3)}
-    first, resumed = (quickstart.train_argv(quick_params(), row, "none") for row in rows[-2:])
+    first, resumed = (quickstart.train_argv(quick_args(), row, "none") for row in rows[-2:])
     assert "overwrite=true" in first and "resume=true" not in first
     assert "resume=true" in resumed and "overwrite=true" not in resumed
     assert f"num_train_iters={rows[-1][1]}" in resumed and f"learning_rate={rows[-1][4]:g}" in resumed
-    text = quickstart.describe_schedule(quick_params(), "none")
+    text = quickstart.describe_schedule(quick_args(), "none")
     assert f"to {rows[-1][1] + 1}" in text and "(resumed)" in text
     assert f"learning rates {rows[-2][4]:g} then {rows[-1][4]:g} instead of 5e-05" in text
 
@@ -157,10 +157,10 @@ def test_a_second_quickstart_keeps_what_it_did_not_write(tmp_path, capsys):
     models = tmp_path / "models" / "quickstart"
     argv = [f"models_dir={models}", f"dataset_dir={tmp_path / 'sample'}", f"results_dir={tmp_path / 'results'}",
             f"render_dir={tmp_path / 'render'}"]
-    params = quick_params(models_dir=str(models))
-    for level, iters, *_ in quickstart.schedule(params):
+    args = quick_args(models_dir=str(models))
+    for level, iters, *_ in quickstart.schedule(args):
         quickstart.record_extent(str(models), level, iters)
-    last = quickstart.schedule(params)[-1][1]
+    last = quickstart.schedule(args)[-1][1]
     touch_checkpoints(models, "pynet_level_5_iteration_0.ckpt", f"pynet_level_0_iteration_{last}.ckpt",
                       "pynet_level_0_iteration_57.ckpt")  # a killed level-0 phase's checkpoint
     assert quickstart.foreign_checkpoints(str(models)) == []
@@ -174,7 +174,7 @@ def test_a_second_quickstart_keeps_what_it_did_not_write(tmp_path, capsys):
                            f"(pynet_level_0_iteration_1000.ckpt): ")
     assert line.endswith("give overwrite=true to delete them and start afresh")
     assert sorted(os.listdir(models)) == before and not (tmp_path / "sample").exists()
-    quickstart.check_models_dir({**params, "overwrite": True})
+    quickstart.check_models_dir({**args, "overwrite": True})
 
     # a folder it never recorded (models_dir= pointed at real runs): all of it is someone else's
     assert quickstart.foreign_checkpoints(str(tmp_path / "models")) == []
@@ -192,10 +192,10 @@ def test_precision_auto_is_bf16_with_more_level_0_steps_where_the_cpu_has_bfloat
                        f"{quickstart.BF16_EXTRA_STEPS} more steps"]
     monkeypatch.setattr(runtime, "bf16_units", lambda *a, **k: "")
     assert quickstart.chosen_precision("auto", out=printed.append) == "fp32" and len(printed) == 1
-    fp32, bf16 = (quickstart.schedule(quick_params(precision=p)) for p in ("fp32", "bf16"))
+    fp32, bf16 = (quickstart.schedule(quick_args(precision=p)) for p in ("fp32", "bf16"))
     assert [row[1] for row in bf16][:-1] == [row[1] for row in fp32][:-1]
     assert bf16[-1][1] == fp32[-1][1] + quickstart.BF16_EXTRA_STEPS
-    assert "precision=bf16" in quickstart.train_argv(quick_params(precision="bf16"), bf16[-1], "none")
+    assert "precision=bf16" in quickstart.train_argv(quick_args(precision="bf16"), bf16[-1], "none")
     # a precision given is checked as train_model.py checks it
     with pytest.raises(cli.UsageError, match="precision=bf16: this CPU has no bfloat16 units"):
         quickstart.chosen_precision("bf16", out=printed.append)
